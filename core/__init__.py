@@ -1,0 +1,1 @@
+"""TuneLab engine: pure Python on diffusers, compel and peft. Never imports ComfyUI."""
