@@ -15,6 +15,9 @@ from .core.errors import Interrupted, TuneLabError
 # command -> (module under tunelab, help)
 COMMANDS = {
     "info": (".cli_info", "print versions, the device and the models found"),
+    "workflows": (".cli_workflows", "validate workflows/*.json and write their API twins (--check: verify only)"),
+    "queue": (".cli_queue", "run an API-format workflow on a ComfyUI server and download its images"),
+    "compare": (".cli_compare", "three-way comparison: base, base + negative 'wrong', LoRA + negative 'wrong'"),
 }
 
 
@@ -24,13 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (mod_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=mod_name)
-        importlib.import_module(mod_name, __package__).add_arguments(p)
+        try:
+            importlib.import_module(mod_name, __package__).add_arguments(p)
+        except ImportError as e:  # a missing extra disables its own command only
+            p.set_defaults(_unavailable=f"'{name}' is unavailable: {e}")
+            p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "_unavailable", None):
+        print(f"error: {args._unavailable}", file=sys.stderr)
+        return 2
     mod = importlib.import_module(args._module, __package__)
     try:
         return int(mod.run(args) or 0)

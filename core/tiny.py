@@ -161,3 +161,30 @@ def ensure(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def wrong_lora() -> Path:
+    """A small LoRA made for tiny-sdxl (random but fixed weights, kohya format), so the demo's LoRA panel differs.
+    It stands in for the published wrong LoRA; it has learned nothing."""
+    final = cache_dir() / f"tiny-sdxl-wrong-lora-v{_VERSION}.safetensors"
+    if final.is_file():
+        return final
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from . import lora
+
+    unet = UNet2DConditionModel.from_pretrained(str(ensure("tiny-sdxl") / "unet"), use_safetensors=True)
+    rank, alpha = 4, 4
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(_SEED + 100)
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.5)
+    lora.save(final, unet=get_peft_model_state_dict(unet), rank=rank, alpha=alpha,
+              metadata={"base_model": "tiny-sdxl", "instance_prompt": "wrong",
+                        "note": "built-in demo LoRA with fixed random weights; not trained"})
+    return final

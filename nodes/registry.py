@@ -11,7 +11,7 @@ import logging
 log = logging.getLogger("tunelab")
 
 # Module names under nodes/, in menu order.
-MODULES = ["loader"]
+MODULES = ["loader", "generate", "lora", "compare"]
 
 
 def build() -> tuple[dict, dict]:

@@ -1,0 +1,55 @@
+import os
+import sys
+import tempfile
+
+import pytest
+
+# Hermetic: tiny models, outputs and model folders live in a per-session temp dir, never in $HOME or the repo.
+_SESSION_DIR = tempfile.mkdtemp(prefix="tunelab-tests-")
+os.environ.setdefault("TUNELAB_CACHE", os.path.join(_SESSION_DIR, "cache"))
+os.environ["TUNELAB_MODELS"] = os.path.join(_SESSION_DIR, "models")
+os.environ["TUNELAB_OUTPUT"] = os.path.join(_SESSION_DIR, "output")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("COMFYUI_PATH"):
+        return
+    skip = pytest.mark.skip(reason="needs a real ComfyUI: set COMFYUI_PATH (see README, Tests)")
+    for item in items:
+        if "comfyui" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def session_dir():
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    from tunelab.core import models
+
+    return models.load("tiny-sdxl", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner():
+    from tunelab.core import models
+
+    return models.load("tiny-sdxl-refiner", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_ip2p():
+    from tunelab.core import models
+
+    return models.load("tiny-ip2p", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15():
+    from tunelab.core import models
+
+    return models.load("tiny-sd15", device="cpu", dtype="fp32")
