@@ -1,0 +1,76 @@
+"""The pack as CI, ComfyUI-Manager and ComfyUI see it."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    block = ci.split("# --- the README's test command")[1].split("\n")[1].strip()
+    assert "pytest" in block
+    assert block in (ROOT / "README.md").read_text(), "README and .ci/run must show the same test command"
+
+
+def test_dependencies_are_floors_and_torch_is_not_pinned():
+    reqs = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert reqs and all(">=" in r and "==" not in r and "~=" not in r for r in reqs), reqs
+    assert not any(r.startswith(("torch", "torchvision", "torchaudio")) for r in reqs)
+    py = (ROOT / "pyproject.toml").read_text()
+    deps = re.search(r"dependencies = \[(.*?)\]", py, re.S).group(1)
+    assert "==" not in deps and "torchvision" not in deps and "torch>=" in deps
+    assert "[tool.comfy]" in py and "PublisherId" in py
+    assert "torch==" in (ROOT / ".ci" / "constraints.txt").read_text()
+
+
+def test_registry_ids_prefixes_and_tooltips():
+    import tunelab
+
+    classes, names = tunelab.NODE_CLASS_MAPPINGS, tunelab.NODE_DISPLAY_NAME_MAPPINGS
+    assert {"TuneLabLoadPipeline", "TuneLabGenerate", "TuneLabLoadLora", "TuneLabApplyWrongLora",
+            "TuneLabCompare"} <= set(classes)
+    for node_id, cls in classes.items():
+        assert node_id.startswith("TuneLab") and names[node_id].startswith("TuneLab ")
+        assert cls.CATEGORY.startswith("TuneLab/")
+        assert callable(getattr(cls, cls.FUNCTION))
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, value in spec.get(section, {}).items():
+                assert len(value) == 2 and value[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+
+
+def test_import_loads_no_model_and_no_comfyui():
+    code = ("import sys, tunelab\n"
+            "from tunelab.core import models\n"
+            "assert not models._CACHE\n"
+            "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules\n"
+            "assert 'diffusers.pipelines' not in sys.modules, 'importing the pack must not build pipelines'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_only_host_imports_comfyui():
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if path.name == "host.py" or "tests" in path.parts or ".venv" in path.parts:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if re.search(r"^\s*(import|from)\s+(comfy|folder_paths)\b", text, re.M):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders
+
+
+def test_pack_loads_under_another_folder_name(tmp_path):
+    """ComfyUI imports custom_nodes/<any-folder-name>/__init__.py as a package; relative imports must hold."""
+    link = tmp_path / "Some-Pack.Name"
+    link.symlink_to(ROOT)
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('x_y_z', r'{link / '__init__.py'}', "
+            f"submodule_search_locations=[r'{link}'])\n"
+            "m = importlib.util.module_from_spec(spec); sys.modules['x_y_z'] = m; spec.loader.exec_module(m)\n"
+            "assert 'TuneLabLoadPipeline' in m.NODE_CLASS_MAPPINGS\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
