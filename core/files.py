@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -75,9 +75,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success fsync and rename it into place, on failure remove it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    # not mkstemp: it creates 0600 files, and datasets are shared between users and machines
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         yield tmp
         with open(tmp, "rb") as f:

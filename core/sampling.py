@@ -122,8 +122,7 @@ def generate(handle: PipeHandle, cond: Conditioning, *, seed: int, steps: int = 
             from .prompt import encode
 
             refiner_cond = encode(refiner, cond.prompt, cond.negative, batch=cond.batch)
-    base_steps = steps if refiner is None else _stage_steps(steps, high_noise_frac, first=True)
-    total = base_steps + (0 if refiner is None else _stage_steps(steps, high_noise_frac, first=False))
+    total = progress_total(steps, refiner is not None, high_noise_frac)
     common = dict(num_inference_steps=steps, guidance_scale=float(guidance))
     with torch.no_grad(), progress_mod.make(progress, total, "generate") as bar:
         kwargs = dict(common, **cond.diffusers_kwargs(), height=height, width=width, generator=generator(seed),
@@ -137,7 +136,10 @@ def generate(handle: PipeHandle, cond: Conditioning, *, seed: int, steps: int = 
         return to_image_tensor(refined.images)
 
 
-def _stage_steps(steps: int, frac: float, first: bool) -> int:
-    # progress estimate only; diffusers decides the exact split from the timesteps
-    n = max(1, round(steps * frac))
-    return n if first else max(1, steps - n)
+def progress_total(steps: int, with_refiner: bool, high_noise_frac: float = 0.8) -> int:
+    """Progress ticks one generation makes: one per denoising step, split between base and refiner."""
+    if not with_refiner:
+        return steps
+    # an estimate; diffusers decides the exact split from the timesteps
+    n = max(1, round(steps * high_noise_frac))
+    return n + max(1, steps - n)
