@@ -7,13 +7,15 @@ import time
 
 
 def interleaved(funcs: dict, repeats: int = 10, warmup: int = 2) -> dict:
-    """Median seconds per call for each function, run in alternation so drift hits every side alike."""
+    """Median seconds per call for each function, run in alternation (order reversed every round) so drift and
+    cache effects hit every side alike."""
     for _ in range(warmup):
         for f in funcs.values():
             f()
     times = {k: [] for k in funcs}
-    for _ in range(repeats):
-        for k, f in funcs.items():
+    order = list(funcs.items())
+    for i in range(repeats):
+        for k, f in (order if i % 2 == 0 else order[::-1]):
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
