@@ -10,6 +10,8 @@ os.environ.setdefault("TUNELAB_CACHE", os.path.join(_SESSION_DIR, "cache"))
 os.environ["TUNELAB_MODELS"] = os.path.join(_SESSION_DIR, "models")
 os.environ["TUNELAB_OUTPUT"] = os.path.join(_SESSION_DIR, "output")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models gain nothing from a thread pool, and pools thrash when tests start subprocesses on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
