@@ -140,10 +140,12 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def load(source: str, *, vae: Optional[str] = None, dtype=None, device=None) -> PipeHandle:
+def load(source: str, *, vae: Optional[str] = None, dtype=None, device=None, tokenizer_dir=None) -> PipeHandle:
     """Load a pipeline from a tiny preset name, a single-file .safetensors checkpoint or a diffusers folder.
 
-    Cached by (source, vae, dtype, device): a second loader or a second run gets the same pipeline object.
+    Cached by (source, vae, dtype, device, tokenizer fallback): a second loader or a second run gets the same pipeline object.
+    `tokenizer_dir`: CLIP tokenizer fallback for single-file checkpoints (the caller passes ComfyUI's bundled one,
+    `host.comfy_tokenizer_dir()`, since core never imports ComfyUI).
     """
     if not source or not str(source).strip():
         raise TuneLabError("no model given; pick a checkpoint, a diffusers folder or a tiny preset", input_name="model")
@@ -162,7 +164,8 @@ def load(source: str, *, vae: Optional[str] = None, dtype=None, device=None) -> 
     else:
         raise TuneLabError(f"unknown model '{src}'. Give a tiny preset ({', '.join(tiny.PRESETS)}), a .safetensors "
                            "checkpoint or a diffusers folder (with model_index.json)", input_name="model")
-    key = (str(target), str(Path(vae).resolve()) if vae else None, str(dt), str(dev))
+    key = (str(target), str(Path(vae).resolve()) if vae else None, str(dt), str(dev),
+           str(tokenizer_dir) if kind == "file" and tokenizer_dir else None)
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -174,7 +177,7 @@ def load(source: str, *, vae: Optional[str] = None, dtype=None, device=None) -> 
             from .single_file import load_single_file
 
             check_safetensors(target, "model")
-            pipe = load_single_file(target, dtype=dt)
+            pipe = load_single_file(target, dtype=dt, tokenizer_dir=tokenizer_dir)
             sha = sha256_file(target)
         family = family_of(pipe)
         if vae:

@@ -33,7 +33,8 @@ class LoadPipeline:
         dev, dt = host.runtime(device, dtype)
         host.free_comfy_models()
         vae_path = None if vae in (None, "", "none") else host.resolve_file("vae", vae)
-        return (models.load(host.resolve_model(model), vae=vae_path, dtype=dt, device=dev),)
+        return (models.load(host.resolve_model(model), vae=vae_path, dtype=dt, device=dev,
+                            tokenizer_dir=host.comfy_tokenizer_dir()),)
 
 
 NODES = {"TuneLabLoadPipeline": (LoadPipeline, "TuneLab Load Pipeline")}
