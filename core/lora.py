@@ -161,6 +161,7 @@ def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = 
         if len(missing) > MAX_UNMAPPED_FRACTION * total:
             raise TuneLabError(msg + "; it was probably made for another model", input_name="lora")
         log.warning("TuneLab: %s (ignored)", msg)
+    embeddings = read_embeddings(handle, path, metadata)  # checked before anything is applied
     sha = sha256_file(path)
     adapter = f"tl_{sha[:16]}"
     with _LOCK:
@@ -171,8 +172,94 @@ def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = 
                 raise TuneLabError(f"could not apply '{name}': {e}", input_name="lora") from e
             # loading activates the new adapter; nothing runs until activate() picks a handle's stack
             handle.pipe.disable_lora()
-    ref = LoraRef(adapter=adapter, weight=float(strength), name=name, sha256=sha)
+        tokens = apply_embeddings(handle, embeddings) if embeddings else ()
+    ref = LoraRef(adapter=adapter, weight=float(strength), name=name, sha256=sha, embeddings=tokens)
     return handle.with_lora(ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pivotal-tuning embeddings saved beside a LoRA: <name>_emb.safetensors with clip_l (TE1) / clip_g (TE2)
+
+_EMBEDDING_KEYS = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
+
+
+def embeddings_file(path) -> Optional[Path]:
+    """The pivotal-tuning embeddings file that belongs to a LoRA file, if there is one."""
+    p = Path(path)
+    emb = p.with_name(p.stem + "_emb.safetensors")
+    return emb if emb.is_file() else None
+
+
+def read_embeddings(handle: PipeHandle, lora_path, lora_metadata: Optional[dict] = None) -> Optional[dict]:
+    """{"tokens": [...], "clip_l": tensor, "clip_g": tensor} from the LoRA's `_emb.safetensors`, checked against
+    the pipe's text encoders; None when the LoRA has none."""
+    from safetensors.torch import load_file
+
+    from .files import safetensors_metadata
+
+    emb_path = embeddings_file(lora_path)
+    if emb_path is None:
+        if (lora_metadata or {}).get("tunelab_embeddings"):
+            log.warning("TuneLab: '%s' was trained with new tokens, but %s is missing; the tokens will not be "
+                        "understood", Path(lora_path).name, lora_metadata["tunelab_embeddings"])
+        return None
+    check_safetensors(emb_path, "lora")
+    sd, meta = load_file(str(emb_path)), safetensors_metadata(emb_path)
+    try:
+        tokens = json.loads(meta.get("tokens") or "null")
+    except ValueError:
+        tokens = None
+    rows = {int(sd[k].shape[0]) for k, _, _ in _EMBEDDING_KEYS if k in sd}
+    if not rows or len(rows) != 1:
+        raise TuneLabError(f"'{emb_path.name}' holds no clip_l / clip_g embeddings of one length", input_name="lora")
+    n = rows.pop()
+    if not (isinstance(tokens, list) and len(tokens) == n and all(isinstance(t, str) and t for t in tokens)):
+        tokens = [f"<s{i}>" for i in range(n)]
+    out = {"tokens": tokens, "file": emb_path.name}
+    for key, te_name, tok_name in _EMBEDDING_KEYS:
+        if key not in sd:
+            continue
+        te, tok = getattr(handle.pipe, te_name, None), getattr(handle.pipe, tok_name, None)
+        if te is None or tok is None:
+            raise TuneLabError(f"'{emb_path.name}' has {key} embeddings but the pipe has no {te_name}",
+                               input_name="lora")
+        width = te.get_input_embeddings().weight.shape[1]
+        if sd[key].ndim != 2 or sd[key].shape[1] != width:
+            raise TuneLabError(f"'{emb_path.name}': {key} embeddings are {tuple(sd[key].shape)}, but the pipe's "
+                               f"{te_name} takes width {width}; they were made for another model", input_name="lora")
+        out[key] = sd[key]
+    return out
+
+
+def apply_embeddings(handle: PipeHandle, embeddings: dict) -> tuple:
+    """Add the tokens to both tokenizers/encoders with diffusers' `load_textual_inversion`, so the prompt encoder
+    understands them. The tokens are new words: prompts without them encode exactly as before. Loading the same
+    embeddings again is a no-op; tokens already taken by different embeddings are refused."""
+    import torch
+
+    tokens = list(embeddings["tokens"])
+    for key, te_name, tok_name in _EMBEDDING_KEYS:
+        if key not in embeddings:
+            continue
+        te, tok = getattr(handle.pipe, te_name), getattr(handle.pipe, tok_name)
+        vocab = tok.get_vocab()
+        present = [t for t in tokens if t in vocab]
+        if present:
+            weight = te.get_input_embeddings().weight
+            ids = tok.convert_tokens_to_ids(tokens) if len(present) == len(tokens) else None
+            same = ids is not None and torch.allclose(weight[ids].detach().float().cpu(),
+                                                      embeddings[key].float(), atol=1e-3, rtol=1e-2)
+            if not same:
+                raise TuneLabError(f"the tokens {', '.join(present)} of '{embeddings['file']}' are already taken by "
+                                   "other embeddings loaded into this model; load one pivotal-tuned LoRA per token "
+                                   "set (reload the model to switch)", input_name="lora")
+            continue
+        try:
+            handle.pipe.load_textual_inversion(embeddings[key], token=tokens, text_encoder=te, tokenizer=tok)
+        except ValueError as e:
+            raise TuneLabError(f"could not load the embeddings of '{embeddings['file']}': {e}",
+                               input_name="lora") from e
+    return tuple(tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------

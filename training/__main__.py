@@ -1,0 +1,40 @@
+"""`python -m tunelab.training lora ...` (the same flags as `python -m tunelab train-lora`).
+
+This entry exists for `accelerate launch -m tunelab.training lora ...`: accelerate starts one process per device and
+each runs the trainer; the main process writes checkpoints, the LoRA and the images.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..core.errors import Interrupted, TuneLabError
+
+TRAINERS = {"lora": ("..cli_train_lora", "Dreambooth LoRA for SDXL (optional pivotal tuning)")}
+
+
+def main(argv=None) -> int:
+    import importlib
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="python -m tunelab.training", description="TuneLab trainers")
+    sub = parser.add_subparsers(dest="trainer", required=True)
+    for name, (mod_name, help_text) in TRAINERS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=mod_name)
+        importlib.import_module(mod_name, __package__).add_arguments(p)
+    args = parser.parse_args(argv)
+    mod = importlib.import_module(args._module, __package__)
+    try:
+        return int(mod.run(args) or 0)
+    except TuneLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

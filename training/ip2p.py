@@ -1,0 +1,487 @@
+"""InstructPix2Pix fine-tuning on an instruction dataset: one readable pass from config to a saved pipeline.
+
+It follows diffusers' `examples/instruct_pix2pix/train_instruct_pix2pix.py` (and the seed's
+`finetune_instruct_pix2pix.py`, which is the same loop started from an InstructPix2Pix model):
+
+- the model is an InstructPix2Pix pipe (fine-tuning) or an SD1.x text-to-image pipe, whose UNet `conv_in` is widened
+  from 4 to 8 input channels with the new weights zero (the script's surgery);
+- both images of a pair are resized to `resolution` x `resolution` and flipped together;
+- the edited image's latents (VAE sample x scaling factor) are noised at uniform DDPM timesteps; the original
+  image's latents (`latent_dist.mode()`, unscaled, as the script) are concatenated on the channel axis;
+- conditioning dropout with probability p: text -> the empty prompt when r < 2p, image latents zeroed when
+  p <= r < 3p (so [0,p) text only, [p,2p) both, [2p,3p) image only);
+- MSE against the noise (or the velocity for v-prediction models), AdamW, diffusers' LR schedulers, grad-norm
+  clipping, accelerate for device, mixed precision and gradient accumulation.
+
+Defaults are the seed's runs (reference §2.2): 256 px, random flip, batch 2 x accumulation 4, lr 5e-5 constant,
+no warmup, 15000 steps, seed 42, no conditioning dropout (the seed passes none; diffusers' README uses 0.05). EMA is
+not implemented.
+
+What TuneLab adds: the UNet is trained as a private copy, so the shared pipe of a ComfyUI graph is never changed;
+text embeddings are cached per distinct instruction (the text encoder is frozen); checkpoints, exact resume, the
+non-finite guard and interrupts come from `training.common`. Output: a diffusers folder (safetensors) that
+`core.models.load` and TuneLab Load Pipeline (models/diffusers) open as an InstructPix2Pix model, plus the loss curve.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from ..core.errors import TuneLabError
+from ..core.files import write_text_atomic
+from . import common
+
+log = logging.getLogger("tunelab")
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MAX_STEPS = 1_000_000
+
+
+@dataclass
+class Ip2pTrainConfig:
+    data_dir: str  # instruction dataset folder (metadata.jsonl)
+    output: str  # new folder for the fine-tuned pipeline (diffusers format)
+    model: Any = "tiny-ip2p"  # a PipeHandle or what core.models.load takes: InstructPix2Pix, or SD1.x (surgery)
+    dtype: str = "auto"
+    device: str = "auto"
+    run_dir: Optional[str] = None  # checkpoints and loss curve; default "<output>_run"
+    columns: str = "tunelab"  # column preset or mapping of the dataset
+    split: Optional[str] = "train"  # train on this split when the dataset has splits; None: every row
+    resolution: int = 256
+    random_flip: bool = True
+    conditioning_dropout_prob: Optional[float] = None
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_train_steps: int = 15000
+    train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    seed: int = 42
+    checkpointing_steps: int = 5000  # 0: only on interrupt / failure
+    checkpoints_total_limit: Optional[int] = 1
+    resume: Optional[str] = None  # None | "latest" | a checkpoint path
+    max_nonfinite: int = 5
+
+
+@dataclass
+class Ip2pTrainResult:
+    output: Path
+    loss_curve_png: Path
+    loss_curve: Any
+    losses: list
+    steps: int
+    run_dir: Path
+    resumed_from: Optional[Path] = None
+    last_checkpoint: Optional[Path] = None
+    nonfinite_skipped: int = 0
+    metadata: dict = field(default_factory=dict)
+
+
+def _check_int(value, name: str, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise TuneLabError(f"{value!r} is out of range; use a whole number from {lo} to {hi}", input_name=name)
+
+
+def _check_float(value, name: str, lo: float, hi: float, lo_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value >= lo if lo_ok else value > lo) and value <= hi
+    if not ok:
+        raise TuneLabError(f"{value!r} is out of range; use a number {'>=' if lo_ok else '>'} {lo:g} and <= {hi:g}",
+                           input_name=name)
+
+
+def check_config(c: Ip2pTrainConfig) -> None:
+    """Refuse bad settings before anything is loaded or written."""
+    if not str(c.output or "").strip():
+        raise TuneLabError("no output folder given", input_name="output")
+    out = Path(c.output).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TuneLabError(f"'{out}' exists and is not an empty folder; choose a new output folder",
+                           input_name="output")
+    _check_int(c.resolution, "resolution", 64, 4096)
+    if c.resolution % 8:
+        raise TuneLabError(f"{c.resolution} is not a multiple of 8; try {c.resolution - c.resolution % 8}",
+                           input_name="resolution")
+    if c.conditioning_dropout_prob is not None:
+        _check_float(c.conditioning_dropout_prob, "conditioning_dropout_prob", 0.0, 1 / 3, lo_ok=True)
+    _check_float(c.learning_rate, "learning_rate", 0.0, 10.0)
+    if c.lr_scheduler not in LR_SCHEDULERS:
+        raise TuneLabError(f"unknown scheduler '{c.lr_scheduler}'; choose one of {', '.join(LR_SCHEDULERS)}",
+                           input_name="lr_scheduler")
+    _check_int(c.lr_warmup_steps, "lr_warmup_steps", 0, MAX_STEPS)
+    _check_int(c.max_train_steps, "max_train_steps", 1, MAX_STEPS)
+    _check_int(c.train_batch_size, "train_batch_size", 1, 64)
+    _check_int(c.gradient_accumulation_steps, "gradient_accumulation_steps", 1, 1024)
+    _check_float(c.max_grad_norm, "max_grad_norm", 0.0, 1e6)
+    _check_float(c.adam_epsilon, "adam_epsilon", 0.0, 1.0)
+    _check_float(c.adam_weight_decay, "adam_weight_decay", 0.0, 10.0, lo_ok=True)
+    common.resolve_mixed_precision(c.mixed_precision, None)
+    _check_int(c.checkpointing_steps, "checkpointing_steps", 0, MAX_STEPS)
+    if c.checkpoints_total_limit is not None:
+        _check_int(c.checkpoints_total_limit, "checkpoints_total_limit", 1, 10_000)
+    _check_int(c.max_nonfinite, "max_nonfinite", 1, 10_000)
+
+
+# what a checkpoint must agree on to resume (run length and outputs may change; the LR schedule needs the length)
+_RUN_ONLY = {"data_dir", "output", "model", "dtype", "device", "run_dir", "resume", "checkpointing_steps",
+             "checkpoints_total_limit", "max_nonfinite", "gradient_checkpointing", "max_train_steps"}
+
+
+def settings_dict(c: Ip2pTrainConfig) -> dict:
+    return {f.name: common.describe(getattr(c, f.name)) for f in fields(c)}
+
+
+def _dataset_hash(pairs) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        for path in (p.input_path, p.edited_path):
+            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        h.update(p.instruction.encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
+def widen_conv_in(unet) -> None:
+    """The script's surgery for a text-to-image UNet: conv_in takes 8 channels, the 4 new ones start at zero."""
+    import torch
+
+    old = unet.conv_in
+    new = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding).to(old.weight.device,
+                                                                                          old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :4].copy_(old.weight)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=8)
+
+
+def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
+    """Fine-tune InstructPix2Pix and save the pipeline; see the module docstring. Raises TuneLabError for bad input
+    (nothing written), Interrupted after saving a checkpoint when stopped."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..core import instruct_data, models
+    from ..core.models import PipeHandle
+
+    c = config
+    check_config(c)
+    output = Path(c.output).expanduser().resolve()
+    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.name + "_run")
+    ckpt_dir = run_dir / "checkpoints"
+
+    # -- data first: a bad dataset is refused before any model loads
+    pairs = instruct_data.read(c.data_dir, columns=c.columns)
+    if c.split and any(p.split for p in pairs):
+        pairs = [p for p in pairs if p.split == c.split]
+    if not pairs:
+        raise TuneLabError(f"the dataset has no '{c.split}' rows to train on", input_name="split")
+    for p in pairs:
+        p.images()  # corrupt files and mismatched pairs are named now
+    dataset_hash = _dataset_hash(pairs)
+
+    # -- accelerate and the model
+    if isinstance(c.model, PipeHandle):
+        handle = c.model
+        mp = common.resolve_mixed_precision(c.mixed_precision, handle.device, handle.dtype)
+        accelerator = common.make_accelerator(mp, c.gradient_accumulation_steps, handle.device)
+    else:
+        dev = models.resolve_device(c.device)
+        mp = common.resolve_mixed_precision(c.mixed_precision, dev, models.resolve_dtype(c.dtype, dev))
+        accelerator = common.make_accelerator(mp, c.gradient_accumulation_steps, dev)
+        handle = models.load(str(c.model), dtype=c.dtype, device=accelerator.device)
+    if handle.family not in ("ip2p", "sd15"):
+        raise TuneLabError(f"InstructPix2Pix training starts from an InstructPix2Pix or SD1.x model; this pipe is "
+                           f"{handle.architecture} ({handle.family})", input_name="model")
+    if accelerator.num_processes > 1:
+        raise TuneLabError("the InstructPix2Pix trainer runs in one process; start it without accelerate launch",
+                           input_name="model")
+    pipe = handle.pipe
+    device = torch.device(handle.device)
+    identity = {k: v for k, v in settings_dict(c).items() if k not in _RUN_ONLY}
+    identity.update(mixed_precision=mp, dataset=dataset_hash)
+    if c.lr_scheduler not in ("constant", "constant_with_warmup"):
+        identity["max_train_steps"] = c.max_train_steps
+    base_id = common.base_identity(handle)
+    ckpt = None
+    if c.resume not in (None, "", "none"):
+        ckpt = common.load_checkpoint(common.find_checkpoint(ckpt_dir, c.resume), config=identity, base=base_id)
+        if ckpt.step >= c.max_train_steps:
+            raise TuneLabError(f"the checkpoint {ckpt.path} is at step {ckpt.step}, already at or past "
+                               f"max_train_steps={c.max_train_steps}", input_name="max_train_steps")
+
+    # -- components: a private UNet copy (trained, fp32), the shared VAE and text encoder (frozen)
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    if handle.loras:
+        log.warning("TuneLab: the pipe carries LoRAs; training starts from the base weights without them")
+    unet = copy.deepcopy(pipe.unet).to(device=device, dtype=torch.float32)
+    if getattr(unet, "peft_config", None):  # LoRAs loaded on the shared pipe: the copy keeps the base weights only
+        unet.unload_lora()
+    if unet.config.in_channels == 4:
+        widen_conv_in(unet)
+    unet.train()
+    unet.requires_grad_(True)
+    if c.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    vae, text_encoder = pipe.vae, pipe.text_encoder
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise TuneLabError(f"unsupported prediction type {prediction_type}", input_name="model")
+    scaling = float(vae.config.scaling_factor)
+
+    from ..core import lora as lora_mod
+
+    lora_mod.activate(replace(handle, loras=()))  # embeddings from the base text encoder
+
+    def embed(texts):
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
+        with torch.no_grad():
+            return text_encoder(ids)[0].float()
+
+    instructions = sorted({p.instruction for p in pairs})
+    cache = dict(zip(instructions, embed(instructions)))
+    null = embed([""])[0]
+
+    params = dict(unet.named_parameters())
+    optimizer = torch.optim.AdamW(params.values(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                  weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
+    lr_scheduler = get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps,
+                                 num_training_steps=c.max_train_steps)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    scaler = getattr(accelerator, "scaler", None)
+    gen = torch.Generator("cpu").manual_seed(int(c.seed) % (1 << 63))  # order, flips, noise, timesteps, dropout
+    generators = {"train": gen}
+    losses: list = ckpt.state.get("losses", []) if ckpt else []
+    step = ckpt.step if ckpt else 0
+    micro = int(ckpt.state.get("micro_step", 0)) if ckpt else 0
+    if ckpt is not None:
+        ckpt.load_weights(params)
+        ckpt.restore(optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, generators=generators)
+        log.info("TuneLab: resumed from %s at step %d", ckpt.path, ckpt.step)
+
+    batches_per_epoch = math.ceil(len(pairs) / c.train_batch_size)
+
+    def batch(ms: int):
+        epoch, b = divmod(ms, batches_per_epoch)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(int(c.seed) * 1_000_003 + epoch))
+        idx = order[b * c.train_batch_size:(b + 1) * c.train_batch_size].tolist()
+        originals, edited, embeds = [], [], []
+        for i in idx:
+            a, e = pairs[i].images()
+            x = torch.cat([_to_tensor(a, c.resolution), _to_tensor(e, c.resolution)])  # one flip for both
+            if c.random_flip and torch.rand((), generator=gen) < 0.5:
+                x = x.flip(-1)
+            originals.append(x[:3])
+            edited.append(x[3:])
+            embeds.append(cache[pairs[i].instruction])
+        return torch.stack(originals), torch.stack(edited), torch.stack(embeds)
+
+    def compute_loss(ms: int):
+        original, edited, embeds = batch(ms)
+        bsz = original.shape[0]
+        with torch.no_grad():
+            vdt = vae.dtype
+            latents = vae.encode(edited.to(device, vdt)).latent_dist
+            latents = (latents.mean + latents.std * torch.randn(latents.mean.shape, generator=gen).to(device, vdt))
+            latents = latents.float() * scaling
+            image_latents = vae.encode(original.to(device, vdt)).latent_dist.mode().float()
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        embeds = embeds.to(device)
+        p = c.conditioning_dropout_prob
+        if p:
+            r = torch.rand(bsz, generator=gen).to(device)
+            embeds = torch.where((r < 2 * p)[:, None, None], null.to(device)[None], embeds)
+            keep = 1.0 - ((r >= p) & (r < 3 * p)).float()
+            image_latents = image_latents * keep[:, None, None, None]
+        with accelerator.autocast():
+            pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, embeds, return_dict=False)[0]
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        return F.mse_loss(pred.float(), target.float())
+
+    def save_state(at_step: int) -> Path:
+        return common.save_checkpoint(ckpt_dir, at_step, weights=params, optimizer=optimizer,
+                                      lr_scheduler=lr_scheduler, scaler=scaler, generators=generators,
+                                      config=identity, base=base_id, keep=c.checkpoints_total_limit,
+                                      state={"micro_step": micro, "losses": list(losses)})
+
+    last_ckpt = None
+    with common.preserved(vae, text_encoder), common.Control(progress, c.max_train_steps, start=step,
+                                                             desc="train ip2p", max_nonfinite=c.max_nonfinite) as ctl:
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        ctl.check()
+        accum = []
+        while step < c.max_train_steps:
+            if not accum and ctl.stop_requested():  # only between optimizer steps, so a resume is exact
+                last_ckpt = save_state(step)
+                ctl.interrupted(step, last_ckpt)
+            with accelerator.accumulate(unet):
+                loss = compute_loss(micro)
+                micro += 1
+                if not ctl.finite(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    accum = []
+                    if ctl.too_many_nonfinite:
+                        last_ckpt = save_state(step) if step else None
+                        raise ctl.nonfinite_error(step, last_ckpt)
+                    continue
+                accelerator.backward(loss)
+                accum.append(float(loss.detach()))
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), c.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                step += 1
+                losses.append(sum(accum) / max(len(accum), 1))
+                accum = []
+                ctl.stepped(losses[-1])
+                if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < c.max_train_steps:
+                    last_ckpt = save_state(step)
+        nonfinite = ctl.nonfinite_total
+
+    # -- outputs: the pipeline with the trained UNet (the shared pipe keeps its own), then the loss curve
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet.eval()
+    if c.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    unet.to(handle.dtype)
+    te_out = text_encoder
+    if any(isinstance(m, BaseTunerLayer) for m in text_encoder.modules()):  # LoRA layers of the shared pipe
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        te_out = recurse_remove_peft_layers(copy.deepcopy(text_encoder))
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if hasattr(te_out, attr):
+                delattr(te_out, attr)
+    trained = StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=te_out, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    _save_pipeline(trained, output)
+    metadata = {"base_model": str(handle.source), "trainer": "tunelab instruct_pix2pix", "steps": step,
+                "settings": settings_dict(c)}
+    write_text_atomic(output / "tunelab_training.json", json.dumps(metadata, indent=2) + "\n")
+    curve_path, curve = common.save_loss_curve(losses, run_dir / "loss_curve.png",
+                                               title="InstructPix2Pix training loss")
+    return Ip2pTrainResult(output=output, loss_curve_png=curve_path, loss_curve=curve, losses=losses, steps=step,
+                           run_dir=run_dir, resumed_from=ckpt.path if ckpt else None, last_checkpoint=last_ckpt,
+                           nonfinite_skipped=nonfinite, metadata=metadata)
+
+
+def _to_tensor(image, resolution: int):
+    """PIL -> [3, R, R] in -1..1, resized as the script does (square, aspect ratio not kept)."""
+    import numpy as np
+    import torch
+
+    from PIL import Image
+
+    arr = np.asarray(image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC),
+                     dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def _save_pipeline(pipe, output: Path) -> None:
+    """save_pretrained into a temporary folder beside `output`, then rename it into place."""
+    import os
+    import shutil
+    import tempfile
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if output.exists():
+            output.rmdir()  # check_config allowed only an empty folder
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line: python -m tunelab.training.ip2p --data DIR --out DIR [...]
+
+
+def add_arguments(p) -> None:
+    d = Ip2pTrainConfig("", "")
+    p.add_argument("--data", required=True, help="instruction dataset folder (metadata.jsonl)")
+    p.add_argument("--out", required=True, help="new folder for the fine-tuned pipeline (diffusers format)")
+    p.add_argument("--model", default=d.model, help="InstructPix2Pix or SD1.x model (default %(default)s)")
+    p.add_argument("--columns", default=d.columns, help="dataset column preset or mapping (default %(default)s)")
+    p.add_argument("--split", default=d.split, help="train on this split when the dataset has one (default train)")
+    for name, kind in (("resolution", int), ("conditioning_dropout_prob", float), ("learning_rate", float),
+                       ("lr_warmup_steps", int), ("max_train_steps", int), ("train_batch_size", int),
+                       ("gradient_accumulation_steps", int), ("max_grad_norm", float), ("seed", int),
+                       ("checkpointing_steps", int), ("checkpoints_total_limit", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"(default {getattr(d, name)})")
+    p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=LR_SCHEDULERS)
+    p.add_argument("--no-random-flip", action="store_true", help="do not flip pairs (default: random flip)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=common.MIXED_PRECISION)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--run-dir", default=None, help="checkpoints and loss curve (default: <out>_run)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
+
+
+def run(args) -> int:
+    cfg = Ip2pTrainConfig(
+        data_dir=args.data, output=args.out, model=args.model, columns=args.columns, split=args.split or None,
+        resolution=args.resolution, conditioning_dropout_prob=args.conditioning_dropout_prob,
+        learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
+        max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+        seed=args.seed, checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit, random_flip=not args.no_random_flip,
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, dtype=args.dtype,
+        device=args.device, run_dir=args.run_dir, resume=args.resume)
+    result = train(cfg)
+    print(f"trained {result.steps} step(s); wrote {result.output} and {result.loss_curve_png}")
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from ..core.errors import Interrupted
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="python -m tunelab.training.ip2p",
+                                     description="Fine-tune InstructPix2Pix on an instruction dataset")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except TuneLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
