@@ -106,8 +106,12 @@ def comfy_tokenizer_dir() -> Optional[Path]:
         import comfy  # type: ignore
     except Exception:
         return None
-    p = Path(comfy.__file__).parent / "sd1_tokenizer"
-    return p if (p / "vocab.json").is_file() else None
+    # comfy is a namespace package in recent ComfyUI (no __file__)
+    for root in getattr(comfy, "__path__", []):
+        p = Path(root) / "sd1_tokenizer"
+        if (p / "vocab.json").is_file():
+            return p
+    return None
 
 
 def device():
@@ -163,6 +167,8 @@ class ComfyProgress(Progress):
         super().update(n, info)
         if self._pbar is not None:
             self._pbar.update_absolute(self.value, self.total)
+            if info:
+                _progress_text(info)
 
     def interrupted(self) -> bool:
         return interrupted()
@@ -170,6 +176,19 @@ class ComfyProgress(Progress):
     def check(self) -> None:
         if self._comfy is not None:
             self._comfy[1].throw_exception_if_processing_interrupted()
+
+
+def _progress_text(text: str) -> None:
+    """Show a line (e.g. the training loss) under the running node in ComfyUI's UI; best effort."""
+    try:
+        from comfy_execution.utils import get_executing_context  # type: ignore
+        from server import PromptServer  # type: ignore
+
+        ctx = get_executing_context()
+        if ctx is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, ctx.node_id)
+    except Exception:  # older ComfyUI without progress text: the bar still moves
+        pass
 
 
 def progress_factory():

@@ -1,6 +1,6 @@
 """Image quality against a ground truth: PSNR and SSIM, computed by scikit-image (`skimage.metrics`).
 
-scikit-image is the optional extra `metrics` (`pip install "tunelab[metrics]"`); it is imported inside the
+scikit-image is a dependency (requirements.txt), imported inside the
 functions, so without it only evaluation is unavailable and the error says what to install.
 
 Conventions:
@@ -23,8 +23,8 @@ def _skimage_metrics():
     try:
         from skimage import metrics
     except ImportError:
-        raise TuneLabError("PSNR/SSIM need scikit-image, which is not installed; install the metrics extra: "
-                           "pip install \"scikit-image>=0.22\" (or pip install -e \".[metrics]\")",
+        raise TuneLabError("PSNR/SSIM need scikit-image, which is not installed: "
+                           "pip install -r requirements.txt (or pip install \"scikit-image>=0.22\")",
                            input_name="metrics") from None
     return metrics
 

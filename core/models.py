@@ -166,7 +166,10 @@ def load(source: str, *, vae: Optional[str] = None, dtype=None, device=None, tok
                            "checkpoint or a diffusers folder (with model_index.json)", input_name="model")
     key = (str(target), str(Path(vae).resolve()) if vae else None, str(dt), str(dev),
            str(tokenizer_dir) if kind == "file" and tokenizer_dir else None)
-    with _LOCK:
+    import torch
+
+    # ComfyUI runs nodes under inference_mode; weights made there could never join a training graph
+    with _LOCK, torch.inference_mode(False):
         if key in _CACHE:
             return _CACHE[key]
         if kind == "folder":

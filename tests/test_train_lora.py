@@ -475,3 +475,22 @@ def test_loss_curve_image():
     arr = np.asarray(img)
     assert (arr != 255).any(axis=2).sum() > 500  # axes, labels and two lines were drawn
     assert common.smooth([1.0, float("nan"), 3.0], 0.5)[1] == 1.0
+
+
+def test_trains_under_comfyui_inference_mode(tmp_path):
+    """ComfyUI runs every node under torch.inference_mode(); loading and training must still work there."""
+    from tunelab.core import models
+
+    saved = dict(models._CACHE)
+    models.clear_cache()  # load afresh inside inference mode, as a ComfyUI graph would
+    try:
+        with torch.inference_mode():
+            handle = models.load("tiny-sdxl", device="cpu", dtype="fp32")
+            data = _write_dataset(tmp_path / "data", n=2)
+            result = train(LoraTrainConfig(data_dir=str(data), output=str(tmp_path / "im.safetensors"), model=handle,
+                                           resolution=64, max_train_steps=2, train_batch_size=1, seed=0,
+                                           checkpointing_steps=0))
+        assert result.lora_path.is_file() and len(result.losses) == 2
+    finally:
+        models.clear_cache()
+        models._CACHE.update(saved)

@@ -760,3 +760,19 @@ def describe(obj: Any) -> Any:
     if hasattr(obj, "pipe") and hasattr(obj, "source"):
         return str(obj.source)
     return str(obj)
+
+
+def trainable(func):
+    """Run a trainer with autograd on, even when called from a ComfyUI node (ComfyUI runs nodes under
+    `torch.inference_mode()`, where no tensor records gradients)."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode(False), torch.enable_grad():
+            return func(*args, **kwargs)
+
+    return wrapper
+

@@ -435,6 +435,7 @@ def expand_tokens(text: str, abstraction: str, tokens: list) -> str:
 # the run
 
 
+@common.trainable
 def train(config: LoraTrainConfig, progress=None) -> TrainResult:
     """Train a Dreambooth LoRA for SDXL and save it; see the module docstring. Raises TuneLabError for bad input
     (nothing written), Interrupted after saving a checkpoint when stopped."""
