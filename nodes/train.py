@@ -194,3 +194,136 @@ class TrainLora:
 
 
 NODES = {"TuneLabTrainLora": (TrainLora, "TuneLab Train LoRA")}
+
+
+def ip2p_target(mode: str, output_name: str) -> tuple:
+    """(output path: a new folder in models/diffusers (full) or a .safetensors file in models/loras (lora), the name
+    the loaders list it under, the run folder for checkpoints and the loss curve under the output directory)."""
+    name = (output_name or "").strip().replace("\\", "/")
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    name = name.rstrip("/")
+    if not name.strip(" /."):
+        raise TuneLabError("give the output a name, e.g. tunelab/ip2p_cartoon", input_name="output_name")
+    if mode == "lora":
+        path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "output_name")
+        listed = Path(name).as_posix() + ".safetensors"
+    else:
+        path = confined_path(host.model_dirs("diffusers")[0], name, "output_name")
+        listed = Path(name).as_posix()
+    run_dir = confined_path(host.output_dir(), f"tunelab/train_ip2p/{Path(name).as_posix()}", "output_name")
+    return path, listed, run_dir
+
+
+class TrainInstructPix2Pix:
+    DESCRIPTION = ("Fine-tunes InstructPix2Pix on an instruction dataset (TuneLab Instruction Dataset's folder), "
+                   "following diffusers' train_instruct_pix2pix.py. mode full trains the whole UNet and saves a "
+                   "pipeline to models/diffusers (from SD1.x the UNet gets the 8-channel conv_in first); mode lora "
+                   "trains a LoRA on an InstructPix2Pix pipe and saves it to models/loras (kohya keys). Progress "
+                   "shows the loss; an interrupt saves a checkpoint (resume: latest). Returns the trained pipe, its "
+                   "name and the loss curve.")
+    CATEGORY = category("train")
+    RETURN_TYPES = (PIPE, "STRING", "IMAGE")
+    RETURN_NAMES = ("trained_pipe", "output_path", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The trained model: the saved pipeline (full) or the input pipe with the new LoRA at strength "
+                       "1 (lora); wire it into TuneLab Instruct Edit or Instruct Evaluate.",
+                       "Where it was saved, relative to models/diffusers (full) or models/loras (lora): the name "
+                       "TuneLab Load Pipeline / Load LoRA list.",
+                       "Loss per step with its moving average.")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..training.ip2p import LR_SCHEDULERS
+
+        return {"required": {
+            "pipe": (PIPE, {"tooltip": "InstructPix2Pix pipe to fine-tune, or an SD1.x pipe (full mode only: its "
+                                       "UNet is widened to 8 input channels). It is shared, not changed: training "
+                                       "works on a private copy of the UNet."}),
+            "dataset_path": ("STRING", {"default": "tunelab/instruct_dataset", "tooltip":
+                             "Instruction dataset folder under ComfyUI's output (or input) directory "
+                             "(metadata.jsonl). Wire TuneLab Instruction Dataset's dataset_path here."}),
+            "mode": (["full", "lora"], {"default": "full", "tooltip":
+                     "full: train every UNet weight, save a pipeline to models/diffusers. lora: train a LoRA "
+                     "(needs an InstructPix2Pix pipe), save it to models/loras."}),
+            "output_name": ("STRING", {"default": "tunelab/ip2p_finetuned", "tooltip":
+                            "New folder under models/diffusers (full) or file under models/loras (lora; "
+                            ".safetensors is added). Never overwritten. Checkpoints and the loss curve go to "
+                            "output/tunelab/train_ip2p/<name>."}),
+            "resolution": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 8, "tooltip":
+                           "Training size; both images of a pair are resized to it (256 in the seed's runs)."}),
+            "max_train_steps": ("INT", {"default": 15000, "min": 1, "max": MAX_STEPS,
+                                        "tooltip": "Optimizer steps (15000 in the seed's runs)."}),
+            "train_batch_size": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "Pairs per micro-batch."}),
+            "gradient_accumulation_steps": ("INT", {"default": 4, "min": 1, "max": 1024,
+                                                    "tooltip": "Micro-batches per optimizer step."}),
+            "learning_rate": _flt(5e-5, 1e-7, 1.0, 1e-6, "AdamW learning rate (5e-5 in the seed's runs; LoRA "
+                                                         "usually wants more, e.g. 1e-4)."),
+            "conditioning_dropout_prob": _flt(0.05, 0.0, 1 / 3, 0.01, "Drop the text, the image or both with this "
+                                              "probability each (0.05 as diffusers' README; 0 = none), for "
+                                              "classifier-free guidance."),
+            "use_ema": _bool(False, "Keep an exponential moving average of the weights and save it (diffusers' "
+                                    "EMAModel, the seed's --use_ema); holds a second copy of the trained weights."),
+            "seed": seed_input("Seed of the data order, flips, noise, timesteps and dropout.", default=42),
+            "resume": (["none", "latest"], {"default": "none", "tooltip":
+                       "latest: continue from the newest complete checkpoint of this output_name (refused if there "
+                       "is none or it was made with other settings)."}),
+        }, "optional": {
+            "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (mode lora)."}),
+            "alpha": _flt(0.0, 0.0, 1024.0, 0.5, "lora_alpha (mode lora); 0 = rank (scale 1)."),
+            "target_modules": ("STRING", {"default": "to_k,to_q,to_v,to_out.0",
+                                          "tooltip": "UNet modules that get LoRA, comma-separated (mode lora)."}),
+            "lr_scheduler": (list(LR_SCHEDULERS), {"default": "constant", "tooltip": "diffusers LR schedule."}),
+            "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS, "tooltip": "Warm-up steps."}),
+            "random_flip": _bool(True, "Flip half of the pairs horizontally (both images together)."),
+            "mixed_precision": (["auto", "no", "fp16", "bf16"], {"default": "auto", "tooltip":
+                                "auto follows the pipe's dtype."}),
+            "gradient_checkpointing": _bool(False, "Trade compute for memory."),
+            "checkpointing_steps": ("INT", {"default": 5000, "min": 0, "max": MAX_STEPS,
+                                            "tooltip": "Save a checkpoint every N steps (0: only on interrupt)."}),
+            "save_diffusers_copy": _bool(False, "mode lora: also write <name>_diffusers.safetensors (diffusers "
+                                                "keys)."),
+        }}
+
+    def train(self, pipe, dataset_path, mode, output_name, resolution, max_train_steps, train_batch_size,
+              gradient_accumulation_steps, learning_rate, conditioning_dropout_prob, use_ema, seed, resume="none",
+              rank=4, alpha=0.0, target_modules="to_k,to_q,to_v,to_out.0", lr_scheduler="constant",
+              lr_warmup_steps=0, random_flip=True, mixed_precision="auto", gradient_checkpointing=False,
+              checkpointing_steps=5000, save_diffusers_copy=False):
+        from ..core import images as images_mod
+        from ..core import lora, models
+        from ..training.ip2p import Ip2pTrainConfig, train
+
+        if mode not in ("full", "lora"):
+            raise TuneLabError(f"unknown mode '{mode}'; choose full or lora", input_name="mode")
+        data = dataset_dir(dataset_path)
+        out_path, listed, run_dir = ip2p_target(mode, output_name)
+        targets = tuple(t.strip() for t in str(target_modules).split(",") if t.strip())
+        host.free_comfy_models()
+        config = Ip2pTrainConfig(
+            data_dir=str(data), output=str(out_path), model=pipe, run_dir=str(run_dir), mode=mode,
+            resolution=resolution, random_flip=random_flip, conditioning_dropout_prob=conditioning_dropout_prob,
+            learning_rate=learning_rate, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
+            max_train_steps=max_train_steps, train_batch_size=train_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
+            mixed_precision=mixed_precision, seed=seed, checkpointing_steps=checkpointing_steps,
+            resume=None if resume == "none" else resume, use_ema=use_ema, rank=rank, lora_alpha=alpha or None,
+            target_modules=targets, save_diffusers_copy=save_diffusers_copy)
+        result = train(config, progress=host.progress_factory())
+        if mode == "lora":
+            trained = lora.load(pipe, result.output, 1.0, name=listed)
+        else:
+            trained = models.load(str(result.output), dtype=pipe.dtype, device=pipe.device)
+        curve = images_mod.pil_to_tensor([result.loss_curve])
+        root = host.output_dir().resolve()
+        png = result.loss_curve_png
+        ui = {"images": [{"filename": png.name, "type": "output",
+                          "subfolder": png.parent.relative_to(root).as_posix()
+                          if png.parent.is_relative_to(root) else ""}],
+              "text": [f"{listed}: {result.steps} steps, final loss {result.losses[-1]:.4f}"
+                       if result.losses else listed]}
+        return {"ui": ui, "result": (trained, listed, curve)}
+
+
+NODES["TuneLabTrainInstructPix2Pix"] = (TrainInstructPix2Pix, "TuneLab Train InstructPix2Pix")

@@ -1,7 +1,8 @@
-"""`python -m tunelab.training lora ...` (the same flags as `python -m tunelab train-lora`).
+"""`python -m tunelab.training lora|ip2p ...` (the same flags as `python -m tunelab train-lora|train-ip2p`).
 
 This entry exists for `accelerate launch -m tunelab.training lora ...`: accelerate starts one process per device and
-each runs the trainer; the main process writes checkpoints, the LoRA and the images.
+each runs the trainer; the main process writes checkpoints, the LoRA and the images. The InstructPix2Pix trainer
+runs in one process and refuses a multi-process launch with a message saying so.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 
 from ..core.errors import Interrupted, TuneLabError
 
-TRAINERS = {"lora": ("..cli_train_lora", "Dreambooth LoRA for SDXL (optional pivotal tuning)")}
+TRAINERS = {"lora": ("..cli_train_lora", "Dreambooth LoRA for SDXL (optional pivotal tuning)"),
+            "ip2p": ("..cli_train_ip2p", "InstructPix2Pix fine-tuning, full or LoRA (one process only)")}
 
 
 def main(argv=None) -> int:

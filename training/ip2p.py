@@ -11,11 +11,21 @@ It follows diffusers' `examples/instruct_pix2pix/train_instruct_pix2pix.py` (and
 - conditioning dropout with probability p: text -> the empty prompt when r < 2p, image latents zeroed when
   p <= r < 3p (so [0,p) text only, [p,2p) both, [2p,3p) image only);
 - MSE against the noise (or the velocity for v-prediction models), AdamW, diffusers' LR schedulers, grad-norm
-  clipping, accelerate for device, mixed precision and gradient accumulation.
+  clipping, accelerate for device, mixed precision and gradient accumulation;
+- optional EMA (`use_ema`, as the script's `--use_ema`): diffusers' `EMAModel` over the trained parameters, stepped
+  after each optimizer step; the EMA weights are what is saved, and checkpoints hold the EMA state.
 
 Defaults are the seed's runs (reference §2.2): 256 px, random flip, batch 2 x accumulation 4, lr 5e-5 constant,
-no warmup, 15000 steps, seed 42, no conditioning dropout (the seed passes none; diffusers' README uses 0.05). EMA is
-not implemented.
+no warmup, 15000 steps, seed 42; conditioning dropout 0.05 as diffusers' README (the seed passes none: set 0 for
+that). The seed trains with `--use_ema`; here EMA is off unless asked for (it holds a second copy of the UNet).
+
+Two modes:
+- `full` (the script): every UNet weight is trained; output: a diffusers pipeline folder.
+- `lora` (diffusers' research `train_instruct_pix2pix_lora.py`): a peft LoRA (rank/alpha, default targets
+  to_k,to_q,to_v,to_out.0) on the UNet copy; output: a .safetensors LoRA (kohya keys, optional diffusers copy) that
+  `core.lora.load` / TuneLab Load LoRA put on the InstructPix2Pix pipe. LoRA mode needs an InstructPix2Pix model
+  (8-channel UNet): from SD1.x the widened conv_in would have to be trained in full, which a LoRA file cannot carry,
+  so it is refused -- train `full` from SD1.x, or start the LoRA from an InstructPix2Pix model.
 
 What TuneLab adds: the UNet is trained as a private copy, so the shared pipe of a ComfyUI graph is never changed;
 text embeddings are cached per distinct instruction (the text encoder is frozen); checkpoints, exact resume, the
@@ -24,6 +34,7 @@ non-finite guard and interrupts come from `training.common`. Output: a diffusers
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -55,7 +66,7 @@ class Ip2pTrainConfig:
     split: Optional[str] = "train"  # train on this split when the dataset has splits; None: every row
     resolution: int = 256
     random_flip: bool = True
-    conditioning_dropout_prob: Optional[float] = None
+    conditioning_dropout_prob: Optional[float] = 0.05  # 0 (or None): no dropout, as the seed's commands
     learning_rate: float = 5e-5
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -74,11 +85,17 @@ class Ip2pTrainConfig:
     checkpoints_total_limit: Optional[int] = 1
     resume: Optional[str] = None  # None | "latest" | a checkpoint path
     max_nonfinite: int = 5
+    use_ema: bool = False  # EMA of the trained weights (diffusers' EMAModel); the EMA weights are saved
+    mode: str = "full"  # "full": the whole UNet -> pipeline folder; "lora": a LoRA -> .safetensors file
+    rank: int = 4  # LoRA rank (mode="lora")
+    lora_alpha: Optional[float] = None  # lora_alpha; None: the rank (scale 1)
+    target_modules: tuple = ("to_k", "to_q", "to_v", "to_out.0")  # UNet modules with LoRA
+    save_diffusers_copy: bool = False  # LoRA mode: also write <out stem>_diffusers.safetensors (diffusers keys)
 
 
 @dataclass
 class Ip2pTrainResult:
-    output: Path
+    output: Path  # the pipeline folder (full) or the LoRA file (lora)
     loss_curve_png: Path
     loss_curve: Any
     losses: list
@@ -88,6 +105,11 @@ class Ip2pTrainResult:
     last_checkpoint: Optional[Path] = None
     nonfinite_skipped: int = 0
     metadata: dict = field(default_factory=dict)
+    mode: str = "full"
+    diffusers_path: Optional[Path] = None  # LoRA mode with save_diffusers_copy
+
+
+MODES = ("full", "lora")
 
 
 def _check_int(value, name: str, lo: int, hi: int) -> None:
@@ -107,8 +129,22 @@ def check_config(c: Ip2pTrainConfig) -> None:
     """Refuse bad settings before anything is loaded or written."""
     if not str(c.output or "").strip():
         raise TuneLabError("no output folder given", input_name="output")
+    if c.mode not in MODES:
+        raise TuneLabError(f"unknown mode '{c.mode}'; choose full or lora", input_name="mode")
     out = Path(c.output).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if c.mode == "lora":
+        if out.suffix.lower() != ".safetensors":
+            raise TuneLabError(f"'{out}': in LoRA mode the output is a .safetensors file; try '{out}.safetensors'",
+                               input_name="output")
+        if out.exists():
+            raise TuneLabError(f"'{out}' exists; choose a new LoRA file name (a LoRA is never overwritten)",
+                               input_name="output")
+        _check_int(c.rank, "rank", 1, 1024)
+        if c.lora_alpha is not None:
+            _check_float(c.lora_alpha, "lora_alpha", 0.0, 1e6)
+        if not c.target_modules or not all(isinstance(t, str) and t.strip() for t in c.target_modules):
+            raise TuneLabError("no target modules; e.g. to_k,to_q,to_v,to_out.0", input_name="target_modules")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TuneLabError(f"'{out}' exists and is not an empty folder; choose a new output folder",
                            input_name="output")
     _check_int(c.resolution, "resolution", 64, 4096)
@@ -137,7 +173,8 @@ def check_config(c: Ip2pTrainConfig) -> None:
 
 # what a checkpoint must agree on to resume (run length and outputs may change; the LR schedule needs the length)
 _RUN_ONLY = {"data_dir", "output", "model", "dtype", "device", "run_dir", "resume", "checkpointing_steps",
-             "checkpoints_total_limit", "max_nonfinite", "gradient_checkpointing", "max_train_steps"}
+             "checkpoints_total_limit", "max_nonfinite", "gradient_checkpointing", "max_train_steps",
+             "save_diffusers_copy"}
 
 
 def settings_dict(c: Ip2pTrainConfig) -> dict:
@@ -168,6 +205,7 @@ def widen_conv_in(unet) -> None:
     unet.register_to_config(in_channels=8)
 
 
+@common.trainable
 def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
     """Fine-tune InstructPix2Pix and save the pipeline; see the module docstring. Raises TuneLabError for bad input
     (nothing written), Interrupted after saving a checkpoint when stopped."""
@@ -180,7 +218,8 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
     c = config
     check_config(c)
     output = Path(c.output).expanduser().resolve()
-    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.name + "_run")
+    default_run = output.with_name((output.stem if c.mode == "lora" else output.name) + "_run")
+    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else default_run
     ckpt_dir = run_dir / "checkpoints"
 
     # -- data first: a bad dataset is refused before any model loads
@@ -207,12 +246,20 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
         raise TuneLabError(f"InstructPix2Pix training starts from an InstructPix2Pix or SD1.x model; this pipe is "
                            f"{handle.architecture} ({handle.family})", input_name="model")
     if accelerator.num_processes > 1:
-        raise TuneLabError("the InstructPix2Pix trainer runs in one process; start it without accelerate launch",
-                           input_name="model")
+        raise TuneLabError("the InstructPix2Pix trainer runs in one process; start it without accelerate launch "
+                           "(python -m tunelab train-ip2p ...)", input_name="model")
+    if c.mode == "lora" and int(handle.pipe.unet.config.in_channels) != 8:
+        raise TuneLabError(f"LoRA mode needs an InstructPix2Pix model (8-channel UNet); {handle.architecture} has a "
+                           f"{handle.pipe.unet.config.in_channels}-channel UNet whose widened conv_in must be trained "
+                           "in full, which a LoRA cannot hold. Use mode=full from SD1.x, or start the LoRA from an "
+                           "InstructPix2Pix model", input_name="mode")
     pipe = handle.pipe
     device = torch.device(handle.device)
     identity = {k: v for k, v in settings_dict(c).items() if k not in _RUN_ONLY}
     identity.update(mixed_precision=mp, dataset=dataset_hash)
+    if c.mode == "full":  # the LoRA settings mean nothing to a full run; they must not block its resume
+        for k in ("rank", "lora_alpha", "target_modules"):
+            identity.pop(k, None)
     if c.lr_scheduler not in ("constant", "constant_with_warmup"):
         identity["max_train_steps"] = c.max_train_steps
     base_id = common.base_identity(handle)
@@ -234,10 +281,6 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
         unet.unload_lora()
     if unet.config.in_channels == 4:
         widen_conv_in(unet)
-    unet.train()
-    unet.requires_grad_(True)
-    if c.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     vae, text_encoder = pipe.vae, pipe.text_encoder
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
@@ -259,114 +302,184 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
     cache = dict(zip(instructions, embed(instructions)))
     null = embed([""])[0]
 
-    params = dict(unet.named_parameters())
-    optimizer = torch.optim.AdamW(params.values(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                                  weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
-    lr_scheduler = get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps,
-                                 num_training_steps=c.max_train_steps)
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    scaler = getattr(accelerator, "scaler", None)
-    gen = torch.Generator("cpu").manual_seed(int(c.seed) % (1 << 63))  # order, flips, noise, timesteps, dropout
-    generators = {"train": gen}
-    losses: list = ckpt.state.get("losses", []) if ckpt else []
-    step = ckpt.step if ckpt else 0
-    micro = int(ckpt.state.get("micro_step", 0)) if ckpt else 0
-    if ckpt is not None:
-        ckpt.load_weights(params)
-        ckpt.restore(optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, generators=generators)
-        log.info("TuneLab: resumed from %s at step %d", ckpt.path, ckpt.step)
+    alpha = float(c.lora_alpha) if c.lora_alpha is not None else float(c.rank)
+    stack = contextlib.ExitStack()
+    with stack:
+        if c.mode == "lora":  # a fresh peft adapter on the private copy; only its weights train
+            from peft import LoraConfig
 
-    batches_per_epoch = math.ceil(len(pairs) / c.train_batch_size)
+            unet.requires_grad_(False)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(int(c.seed) % (1 << 63))  # the adapter's gaussian init
+                stack.enter_context(common.training_adapter(unet, LoraConfig(
+                    r=c.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                    target_modules=[t.strip() for t in c.target_modules])))
+        else:
+            unet.requires_grad_(True)
+        unet.train()
+        if c.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
 
-    def batch(ms: int):
-        epoch, b = divmod(ms, batches_per_epoch)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(int(c.seed) * 1_000_003 + epoch))
-        idx = order[b * c.train_batch_size:(b + 1) * c.train_batch_size].tolist()
-        originals, edited, embeds = [], [], []
-        for i in idx:
-            a, e = pairs[i].images()
-            x = torch.cat([_to_tensor(a, c.resolution), _to_tensor(e, c.resolution)])  # one flip for both
-            if c.random_flip and torch.rand((), generator=gen) < 0.5:
-                x = x.flip(-1)
-            originals.append(x[:3])
-            edited.append(x[3:])
-            embeds.append(cache[pairs[i].instruction])
-        return torch.stack(originals), torch.stack(edited), torch.stack(embeds)
+        params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.AdamW(params.values(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                      weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
+        lr_scheduler = get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps,
+                                     num_training_steps=c.max_train_steps)
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        scaler = getattr(accelerator, "scaler", None)
+        gen = torch.Generator("cpu").manual_seed(int(c.seed) % (1 << 63))  # order, flips, noise, timesteps, dropout
+        generators = {"train": gen}
+        losses: list = ckpt.state.get("losses", []) if ckpt else []
+        step = ckpt.step if ckpt else 0
+        micro = int(ckpt.state.get("micro_step", 0)) if ckpt else 0
+        if ckpt is not None:
+            ckpt.load_weights(params)
+            ckpt.restore(optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, generators=generators)
+        ema = None
+        if c.use_ema:  # diffusers' EMAModel with the script's defaults (decay 0.9999, warm-up (1+t)/(10+t))
+            from diffusers.training_utils import EMAModel
 
-    def compute_loss(ms: int):
-        original, edited, embeds = batch(ms)
-        bsz = original.shape[0]
-        with torch.no_grad():
-            vdt = vae.dtype
-            latents = vae.encode(edited.to(device, vdt)).latent_dist
-            latents = (latents.mean + latents.std * torch.randn(latents.mean.shape, generator=gen).to(device, vdt))
-            latents = latents.float() * scaling
-            image_latents = vae.encode(original.to(device, vdt)).latent_dist.mode().float()
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        embeds = embeds.to(device)
-        p = c.conditioning_dropout_prob
-        if p:
-            r = torch.rand(bsz, generator=gen).to(device)
-            embeds = torch.where((r < 2 * p)[:, None, None], null.to(device)[None], embeds)
-            keep = 1.0 - ((r >= p) & (r < 3 * p)).float()
-            image_latents = image_latents * keep[:, None, None, None]
-        with accelerator.autocast():
-            pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, embeds, return_dict=False)[0]
-        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-        return F.mse_loss(pred.float(), target.float())
+            ema = EMAModel(list(params.values()))
+            if ckpt is not None:
+                saved = ckpt.state.get("ema") or {}
+                shadow = saved.get("shadow") or {}
+                if set(shadow) != set(params):
+                    raise TuneLabError(f"{ckpt.path} holds no EMA state for this run's weights",
+                                       input_name="resume")
+                with torch.no_grad():
+                    for s, name in zip(ema.shadow_params, params):
+                        s.copy_(shadow[name].to(device=s.device, dtype=s.dtype))
+                ema.optimization_step = int(saved["optimization_step"])
+        if ckpt is not None:
+            log.info("TuneLab: resumed from %s at step %d", ckpt.path, ckpt.step)
 
-    def save_state(at_step: int) -> Path:
-        return common.save_checkpoint(ckpt_dir, at_step, weights=params, optimizer=optimizer,
-                                      lr_scheduler=lr_scheduler, scaler=scaler, generators=generators,
-                                      config=identity, base=base_id, keep=c.checkpoints_total_limit,
-                                      state={"micro_step": micro, "losses": list(losses)})
+        batches_per_epoch = math.ceil(len(pairs) / c.train_batch_size)
 
-    last_ckpt = None
-    with common.preserved(vae, text_encoder), common.Control(progress, c.max_train_steps, start=step,
-                                                             desc="train ip2p", max_nonfinite=c.max_nonfinite) as ctl:
-        vae.requires_grad_(False)
-        text_encoder.requires_grad_(False)
-        ctl.check()
-        accum = []
-        while step < c.max_train_steps:
-            if not accum and ctl.stop_requested():  # only between optimizer steps, so a resume is exact
-                last_ckpt = save_state(step)
-                ctl.interrupted(step, last_ckpt)
-            with accelerator.accumulate(unet):
-                loss = compute_loss(micro)
-                micro += 1
-                if not ctl.finite(loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    accum = []
-                    if ctl.too_many_nonfinite:
-                        last_ckpt = save_state(step) if step else None
-                        raise ctl.nonfinite_error(step, last_ckpt)
-                    continue
-                accelerator.backward(loss)
-                accum.append(float(loss.detach()))
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), c.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                step += 1
-                losses.append(sum(accum) / max(len(accum), 1))
-                accum = []
-                ctl.stepped(losses[-1])
-                if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < c.max_train_steps:
+        def batch(ms: int):
+            epoch, b = divmod(ms, batches_per_epoch)
+            order = torch.randperm(len(pairs),
+                                   generator=torch.Generator().manual_seed(int(c.seed) * 1_000_003 + epoch))
+            idx = order[b * c.train_batch_size:(b + 1) * c.train_batch_size].tolist()
+            originals, edited, embeds = [], [], []
+            for i in idx:
+                a, e = pairs[i].images()
+                x = torch.cat([_to_tensor(a, c.resolution), _to_tensor(e, c.resolution)])  # one flip for both
+                if c.random_flip and torch.rand((), generator=gen) < 0.5:
+                    x = x.flip(-1)
+                originals.append(x[:3])
+                edited.append(x[3:])
+                embeds.append(cache[pairs[i].instruction])
+            return torch.stack(originals), torch.stack(edited), torch.stack(embeds)
+
+        def compute_loss(ms: int):
+            original, edited, embeds = batch(ms)
+            bsz = original.shape[0]
+            with torch.no_grad():
+                vdt = vae.dtype
+                latents = vae.encode(edited.to(device, vdt)).latent_dist
+                latents = latents.mean + latents.std * torch.randn(latents.mean.shape, generator=gen).to(device, vdt)
+                latents = latents.float() * scaling
+                image_latents = vae.encode(original.to(device, vdt)).latent_dist.mode().float()
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            embeds = embeds.to(device)
+            p = c.conditioning_dropout_prob
+            if p:
+                r = torch.rand(bsz, generator=gen).to(device)
+                embeds = torch.where((r < 2 * p)[:, None, None], null.to(device)[None], embeds)
+                keep = 1.0 - ((r >= p) & (r < 3 * p)).float()
+                image_latents = image_latents * keep[:, None, None, None]
+            with accelerator.autocast():
+                pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, embeds, return_dict=False)[0]
+            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+            return F.mse_loss(pred.float(), target.float())
+
+        def save_state(at_step: int) -> Path:
+            state = {"micro_step": micro, "losses": list(losses)}
+            if ema is not None:
+                state["ema"] = {"optimization_step": int(ema.optimization_step),
+                                "shadow": dict(zip(params, ema.shadow_params))}
+            return common.save_checkpoint(ckpt_dir, at_step, weights=params, optimizer=optimizer,
+                                          lr_scheduler=lr_scheduler, scaler=scaler, generators=generators,
+                                          config=identity, base=base_id, keep=c.checkpoints_total_limit,
+                                          state=state)
+
+        last_ckpt = None
+        with common.preserved(vae, text_encoder), common.Control(progress, c.max_train_steps, start=step,
+                                                                 desc="train ip2p",
+                                                                 max_nonfinite=c.max_nonfinite) as ctl:
+            vae.requires_grad_(False)
+            text_encoder.requires_grad_(False)
+            ctl.check()
+            accum = []
+            while step < c.max_train_steps:
+                if not accum and ctl.stop_requested():  # only between optimizer steps, so a resume is exact
                     last_ckpt = save_state(step)
-        nonfinite = ctl.nonfinite_total
+                    ctl.interrupted(step, last_ckpt)
+                with accelerator.accumulate(unet):
+                    loss = compute_loss(micro)
+                    micro += 1
+                    if not ctl.finite(loss):
+                        optimizer.zero_grad(set_to_none=True)
+                        accum = []
+                        if ctl.too_many_nonfinite:
+                            last_ckpt = save_state(step) if step else None
+                            raise ctl.nonfinite_error(step, last_ckpt)
+                        continue
+                    accelerator.backward(loss)
+                    accum.append(float(loss.detach()))
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params.values(), c.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    if ema is not None:
+                        ema.step(params.values())
+                    step += 1
+                    losses.append(sum(accum) / max(len(accum), 1))
+                    accum = []
+                    ctl.stepped(losses[-1])
+                    if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < c.max_train_steps:
+                        last_ckpt = save_state(step)
+            nonfinite = ctl.nonfinite_total
 
-    # -- outputs: the pipeline with the trained UNet (the shared pipe keeps its own), then the loss curve
+        unet.eval()
+        if c.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        if ema is not None:
+            ema.copy_to(params.values())  # the EMA weights are the result
+        if c.mode == "lora":
+            from peft import get_peft_model_state_dict
+
+            lora_sd = {k: v.detach().to("cpu").clone()
+                       for k, v in get_peft_model_state_dict(unet, adapter_name=common.TRAIN_ADAPTER).items()}
+
+    settings = settings_dict(c)
+    curve_path, curve = common.save_loss_curve(losses, run_dir / "loss_curve.png",
+                                               title="InstructPix2Pix training loss")
+    result = Ip2pTrainResult(output=output, loss_curve_png=curve_path, loss_curve=curve, losses=losses, steps=step,
+                             run_dir=run_dir, resumed_from=ckpt.path if ckpt else None, last_checkpoint=last_ckpt,
+                             nonfinite_skipped=nonfinite, mode=c.mode)
+    if c.mode == "lora":  # the diffusers copy first, the kohya file last (its presence means "complete")
+        result.metadata = {
+            "base_model": str(handle.source), "base_model_sha256": handle.sha256 or "",
+            "base_model_family": handle.family, "steps": str(step), "resolution": str(c.resolution),
+            "tunelab_trainer": "instruct_pix2pix_lora", "use_ema": str(bool(c.use_ema)).lower(),
+            "tunelab_settings": json.dumps(settings),
+        }
+        if c.save_diffusers_copy:
+            result.diffusers_path = output.with_name(output.stem + "_diffusers.safetensors")
+            lora_mod.save(result.diffusers_path, unet=lora_sd, rank=c.rank, alpha=alpha, metadata=result.metadata,
+                          fmt="diffusers")
+        lora_mod.save(output, unet=lora_sd, rank=c.rank, alpha=alpha, metadata=result.metadata, fmt="kohya")
+        return result
+
+    # -- full: the pipeline with the trained UNet (the shared pipe keeps its own)
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    unet.eval()
-    if c.gradient_checkpointing:
-        unet.disable_gradient_checkpointing()
     unet.to(handle.dtype)
     te_out = text_encoder
     if any(isinstance(m, BaseTunerLayer) for m in text_encoder.modules()):  # LoRA layers of the shared pipe
@@ -380,14 +493,10 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
         vae=vae, text_encoder=te_out, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     _save_pipeline(trained, output)
-    metadata = {"base_model": str(handle.source), "trainer": "tunelab instruct_pix2pix", "steps": step,
-                "settings": settings_dict(c)}
-    write_text_atomic(output / "tunelab_training.json", json.dumps(metadata, indent=2) + "\n")
-    curve_path, curve = common.save_loss_curve(losses, run_dir / "loss_curve.png",
-                                               title="InstructPix2Pix training loss")
-    return Ip2pTrainResult(output=output, loss_curve_png=curve_path, loss_curve=curve, losses=losses, steps=step,
-                           run_dir=run_dir, resumed_from=ckpt.path if ckpt else None, last_checkpoint=last_ckpt,
-                           nonfinite_skipped=nonfinite, metadata=metadata)
+    result.metadata = {"base_model": str(handle.source), "trainer": "tunelab instruct_pix2pix", "steps": step,
+                       "use_ema": bool(c.use_ema), "settings": settings}
+    write_text_atomic(output / "tunelab_training.json", json.dumps(result.metadata, indent=2) + "\n")
+    return result
 
 
 def _to_tensor(image, resolution: int):
@@ -420,29 +529,41 @@ def _save_pipeline(pipe, output: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# command line: python -m tunelab.training.ip2p --data DIR --out DIR [...]
+# command line: python -m tunelab.training.ip2p --data DIR --out DIR [...] (also `python -m tunelab train-ip2p` and
+# `python -m tunelab.training ip2p`, which use these two functions)
 
 
 def add_arguments(p) -> None:
     d = Ip2pTrainConfig("", "")
     p.add_argument("--data", required=True, help="instruction dataset folder (metadata.jsonl)")
-    p.add_argument("--out", required=True, help="new folder for the fine-tuned pipeline (diffusers format)")
+    p.add_argument("--out", required=True, help="new folder for the fine-tuned pipeline (diffusers format); with "
+                                                "--mode lora the LoRA file to write (.safetensors, kohya keys)")
+    p.add_argument("--mode", default=d.mode, choices=MODES,
+                   help="full: train the whole UNet; lora: a LoRA on an InstructPix2Pix model (default %(default)s)")
     p.add_argument("--model", default=d.model, help="InstructPix2Pix or SD1.x model (default %(default)s)")
     p.add_argument("--columns", default=d.columns, help="dataset column preset or mapping (default %(default)s)")
     p.add_argument("--split", default=d.split, help="train on this split when the dataset has one (default train)")
     for name, kind in (("resolution", int), ("conditioning_dropout_prob", float), ("learning_rate", float),
                        ("lr_warmup_steps", int), ("max_train_steps", int), ("train_batch_size", int),
                        ("gradient_accumulation_steps", int), ("max_grad_norm", float), ("seed", int),
-                       ("checkpointing_steps", int), ("checkpoints_total_limit", int)):
+                       ("checkpointing_steps", int), ("checkpoints_total_limit", int), ("rank", int),
+                       ("lora_alpha", float)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=f"(default {getattr(d, name)})")
+    p.add_argument("--target-modules", default=",".join(d.target_modules),
+                   help="UNet modules with LoRA, comma-separated (default %(default)s)")
+    p.add_argument("--use-ema", action="store_true",
+                   help="keep an EMA of the trained weights and save it (diffusers' EMAModel)")
+    p.add_argument("--save-diffusers-copy", action="store_true",
+                   help="LoRA mode: also write <out stem>_diffusers.safetensors (diffusers keys)")
     p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=LR_SCHEDULERS)
     p.add_argument("--no-random-flip", action="store_true", help="do not flip pairs (default: random flip)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=common.MIXED_PRECISION)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--run-dir", default=None, help="checkpoints and loss curve (default: <out>_run)")
+    p.add_argument("--run-dir", default=None,
+                   help="checkpoints and loss curve (default: <out>_run; LoRA: <out stem>_run)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
 
 
@@ -456,9 +577,13 @@ def run(args) -> int:
         seed=args.seed, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, random_flip=not args.no_random_flip,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, dtype=args.dtype,
-        device=args.device, run_dir=args.run_dir, resume=args.resume)
+        device=args.device, run_dir=args.run_dir, resume=args.resume, use_ema=args.use_ema, mode=args.mode,
+        rank=args.rank, lora_alpha=args.lora_alpha, save_diffusers_copy=args.save_diffusers_copy,
+        target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()))
     result = train(cfg)
     print(f"trained {result.steps} step(s); wrote {result.output} and {result.loss_curve_png}")
+    if result.diffusers_path:
+        print(f"wrote diffusers copy {result.diffusers_path}")
     return 0
 
 
