@@ -16,7 +16,7 @@ from typing import Optional
 
 from .errors import TuneLabError
 from .files import atomic_path, check_safetensors, sha256_file
-from .models import LoraRef, PipeHandle, describe_width
+from .models import LoraRef, PipeHandle, describe_width, outside_inference_mode
 
 log = logging.getLogger("tunelab")
 
@@ -143,6 +143,7 @@ def unmapped_modules(handle: PipeHandle, state_dict: dict) -> tuple[int, list[st
 # applying
 
 
+@outside_inference_mode
 def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = None) -> PipeHandle:
     """A new handle with the LoRA on its stack. The incoming handle is never changed; the weights are loaded into
     the shared pipe once per file (as a disabled-by-default adapter), so branches share one copy."""

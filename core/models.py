@@ -140,6 +140,23 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
+def outside_inference_mode(func):
+    """ComfyUI runs nodes under `torch.inference_mode()`. Tensors made there (loaded weights, LoRA adapters assigned
+    from a file) are inference tensors, which a later training run on the same shared pipe could never use; so
+    everything that builds or changes the shared pipe runs outside it."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode(False):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@outside_inference_mode
 def load(source: str, *, vae: Optional[str] = None, dtype=None, device=None, tokenizer_dir=None) -> PipeHandle:
     """Load a pipeline from a tiny preset name, a single-file .safetensors checkpoint or a diffusers folder.
 
@@ -166,10 +183,7 @@ def load(source: str, *, vae: Optional[str] = None, dtype=None, device=None, tok
                            "checkpoint or a diffusers folder (with model_index.json)", input_name="model")
     key = (str(target), str(Path(vae).resolve()) if vae else None, str(dt), str(dev),
            str(tokenizer_dir) if kind == "file" and tokenizer_dir else None)
-    import torch
-
-    # ComfyUI runs nodes under inference_mode; weights made there could never join a training graph
-    with _LOCK, torch.inference_mode(False):
+    with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
         if kind == "folder":

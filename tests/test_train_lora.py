@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tunelab.core import compare, lora, prompt, sampling
+from tunelab.core import compare, lora, prompt, sampling, tiny
 from tunelab.core.errors import Interrupted, TuneLabError
 from tunelab.core.progress import Progress
 from tunelab.training import common
@@ -486,6 +486,8 @@ def test_trains_under_comfyui_inference_mode(tmp_path):
     try:
         with torch.inference_mode():
             handle = models.load("tiny-sdxl", device="cpu", dtype="fp32")
+            # an earlier node of the same server loaded a LoRA into the shared pipe
+            lora.load(handle, tiny.wrong_lora(), 1.0)
             data = _write_dataset(tmp_path / "data", n=2)
             result = train(LoraTrainConfig(data_dir=str(data), output=str(tmp_path / "im.safetensors"), model=handle,
                                            resolution=64, max_train_steps=2, train_batch_size=1, seed=0,
