@@ -18,6 +18,12 @@ COMMANDS = {
     "workflows": (".cli_workflows", "validate workflows/*.json and write their API twins (--check: verify only)"),
     "queue": (".cli_queue", "run an API-format workflow on a ComfyUI server and download its images"),
     "compare": (".cli_compare", "three-way comparison: base, base + negative 'wrong', LoRA + negative 'wrong'"),
+    "synth": (".cli_synth", "synthesize the 'wrong' dataset (resumable, --shard I/N; --merge to finish shards)"),
+    "train-lora": (".cli_train_lora", "train a Dreambooth LoRA for SDXL (optional pivotal tuning); resumable"),
+    "edit": (".cli_edit", "InstructPix2Pix: edit an image with an instruction (output keeps the input's size)"),
+    "instruct-data": (".cli_instruct_data", "build an instruction dataset: folders, table import or synthesized pairs"),
+    "train-ip2p": (".cli_train_ip2p", "fine-tune InstructPix2Pix on an instruction dataset (full or LoRA); resumable"),
+    "eval-ip2p": (".cli_eval_ip2p", "evaluate InstructPix2Pix models on held-out pairs: PSNR/SSIM, grids, reports"),
 }
 
 
