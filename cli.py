@@ -47,14 +47,18 @@ def main(argv=None) -> int:
     if getattr(args, "_unavailable", None):
         print(f"error: {args._unavailable}", file=sys.stderr)
         return 2
-    mod = importlib.import_module(args._module, __package__)
+    return run_command(importlib.import_module(args._module, __package__).run, args)
+
+
+def run_command(run, args) -> int:
+    """Run a command's `run(args)`: a TuneLabError is a clear message and exit 2, an interrupt exit 130."""
     try:
-        return int(mod.run(args) or 0)
+        return int(run(args) or 0)
     except TuneLabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (Interrupted, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

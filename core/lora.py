@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 

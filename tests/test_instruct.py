@@ -16,14 +16,6 @@ from tunelab.core.prompt import encode
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are too small to gain from torch's thread pool, and on a shared CPU it thrashes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def photo(w=64, h=64, seed=0):
     """A smooth, seeded test picture (gradients plus a few blobs), so degradations and metrics mean something."""

@@ -47,15 +47,6 @@ FAMILY_FIXTURES = {"sdxl": "tiny_sdxl", "sdxl-refiner": "tiny_refiner", "sd15": 
 IP2P_CASES = [CASES[i] for i in (0, 5, 7, 10, 16)]  # same code path as SD1.5; a subset keeps the suite fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny encoders are all per-op overhead; on a loaded 2-core runner, two spinning intra-op threads make this
-    module ~10x slower. One thread here, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # references: compel itself, built here independently of core/prompt.py

@@ -13,13 +13,6 @@ from tunelab.core.images import pil_to_tensor
 from tunelab.core.progress import Progress
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _picture(seed, size=64):
     rng = np.random.default_rng(seed)

@@ -37,15 +37,6 @@ def _write_dataset(folder, n=4, size=64, captions=True):
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a small shared CPU, torch's 2 intra-op threads spin against other processes: one thread ran this module's
-    training ~20x faster in wall time here. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from ..core.errors import Interrupted, TuneLabError
+from ..cli import run_command
 
 TRAINERS = {"lora": ("..cli_train_lora", "Dreambooth LoRA for SDXL (optional pivotal tuning)"),
             "ip2p": ("..cli_train_ip2p", "InstructPix2Pix fine-tuning, full or LoRA (one process only)")}
@@ -27,15 +26,7 @@ def main(argv=None) -> int:
         p.set_defaults(_module=mod_name)
         importlib.import_module(mod_name, __package__).add_arguments(p)
     args = parser.parse_args(argv)
-    mod = importlib.import_module(args._module, __package__)
-    try:
-        return int(mod.run(args) or 0)
-    except TuneLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-        return 130
+    return run_command(importlib.import_module(args._module, __package__).run, args)
 
 
 if __name__ == "__main__":

@@ -589,23 +589,14 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     import argparse
-    import sys
 
-    from ..core.errors import Interrupted
+    from ..cli import run_command
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="python -m tunelab.training.ip2p",
                                      description="Fine-tune InstructPix2Pix on an instruction dataset")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except TuneLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
