@@ -187,7 +187,8 @@ TINY_HINTS = (("tiny-ip2p", ("ip2p", "pix2pix", "instruct")), ("tiny-sdxl-refine
 def tiny_model_overrides(graph: Mapping, object_info: Mapping) -> dict:
     """A copy of `graph` whose model choices are swapped for the built-in tiny presets, judged from the server's
     own schemas: every combo input offering ``tiny-*`` choices gets the preset matching its current value
-    (InstructPix2Pix -> tiny-ip2p, refiner -> tiny-sdxl-refiner, SD1.5 -> tiny-sd15, else tiny-sdxl)."""
+    (InstructPix2Pix -> tiny-ip2p, refiner -> tiny-sdxl-refiner, SD1.5 -> tiny-sd15, else tiny-sdxl); a list with a
+    single tiny choice, such as the built-in tiny LoRA in a LoRA list, gets that one."""
     out = copy.deepcopy(dict(graph))
     for node in out.values():
         info = object_info.get(node.get("class_type")) or {}
@@ -206,6 +207,9 @@ def tiny_model_overrides(graph: Mapping, object_info: Mapping) -> dict:
                     if preset in presets and any(h in low for h in hints):
                         node["inputs"][name] = preset
                         break
+                else:
+                    if len(presets) == 1:  # e.g. the built-in tiny LoRA in a LoRA list
+                        node["inputs"][name] = presets[0]
     return out
 
 

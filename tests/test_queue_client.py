@@ -355,9 +355,16 @@ def test_tiny_model_overrides():
                   "class_type": "TuneLabLoadPipeline"}
     graph["4"] = {"inputs": {"model": "sd_xl_refiner_1.0.safetensors", "dtype": "auto"},
                   "class_type": "TuneLabLoadPipeline"}
-    out = qc.tiny_model_overrides(graph, FakeComfy.object_info())
+    graph["5"] = {"inputs": {"lora_name": "sdxl-wrong-lora.safetensors", "strength": 1.0, "pipe": ["2", 0]},
+                  "class_type": "TuneLabLoadLora"}
+    info = dict(FakeComfy.object_info())
+    info["TuneLabLoadLora"] = {"input": {"required": {
+        "pipe": ["TUNELAB_PIPE"], "lora_name": [["mine.safetensors", "tiny-sdxl-wrong-lora (built-in)"]],
+        "strength": ["FLOAT", {"default": 1.0}]}}}
+    out = qc.tiny_model_overrides(graph, info)
     assert [out[i]["inputs"]["model"] for i in "234"] == ["tiny-sdxl", "tiny-ip2p", "tiny-sdxl-refiner"]
     assert out["2"]["inputs"]["dtype"] == "auto"
+    assert out["5"]["inputs"]["lora_name"] == "tiny-sdxl-wrong-lora (built-in)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
