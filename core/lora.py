@@ -166,10 +166,18 @@ def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = 
     adapter = f"tl_{sha[:16]}"
     with _LOCK:
         if adapter not in loaded_adapters(handle.pipe):
+            from diffusers.utils import logging as diffusers_logging
+
+            # diffusers warns "No LoRA keys associated to CLIPTextModel" for every UNet-only LoRA (the wrong LoRA
+            # is one); unmapped keys were already checked above
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()
             try:
                 handle.pipe.load_lora_weights(dict(state_dict), adapter_name=adapter)
             except Exception as e:
                 raise TuneLabError(f"could not apply '{name}': {e}", input_name="lora") from e
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
             # loading activates the new adapter; nothing runs until activate() picks a handle's stack
             handle.pipe.disable_lora()
         tokens = apply_embeddings(handle, embeddings) if embeddings else ()
