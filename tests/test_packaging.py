@@ -73,3 +73,19 @@ def test_pack_loads_under_another_folder_name(tmp_path):
             "m = importlib.util.module_from_spec(spec); sys.modules['x_y_z'] = m; spec.loader.exec_module(m)\n"
             "assert 'TuneLabLoadPipeline' in m.NODE_CLASS_MAPPINGS\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_missing_dependency_hides_only_its_nodes(monkeypatch, caplog):
+    import sys
+
+    from tunelab.nodes import registry
+
+    full, _ = registry.build()
+    # a node module whose import fails the way a missing optional package does
+    monkeypatch.setitem(sys.modules, "tunelab.nodes.instruct", None)
+    with caplog.at_level("WARNING", logger="tunelab"):
+        classes, names = registry.build()
+    assert "TuneLabInstructEdit" not in classes and "TuneLabInstructEdit" in full
+    assert set(full) - set(classes) == {k for k in full if k.startswith("TuneLabInstruct")}
+    assert "TuneLabLoadPipeline" in classes and set(classes) == set(names)
+    assert any("instruct" in r.getMessage() and "not installed" in r.getMessage() for r in caplog.records)
