@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("COMFYUI_PATH"):
         return
-    skip = pytest.mark.skip(reason="needs a real ComfyUI: set COMFYUI_PATH (see README, Tests)")
+    skip = pytest.mark.skip(reason="needs a real ComfyUI: set COMFYUI_PATH (see README, Development)")
     for item in items:
         if "comfyui" in item.keywords:
             item.add_marker(skip)
