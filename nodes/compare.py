@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from .. import host
 from ..core import compare, sampling
-from ..core.files import confined_path
-from .common import PIPE, STATES, category, seed_input, size_input
+from .common import PIPE, STATES, category, output_images, run_folder, seed_input, size_input
 
 
 class ComparisonState:
@@ -67,17 +66,13 @@ class Compare:
 
     def compare(self, pipe, prompt, negative, seed, steps, guidance, width, height, scheduler="default",
                 high_noise_frac=0.8, output_name="tunelab/compare", lora_pipe=None, refiner=None, states=None):
-        root = host.output_dir()
-        out_dir = confined_path(root, f"{output_name.strip().rstrip('/')}/{compare.timestamp()}", "output_name")
+        out_dir = run_folder(output_name)
         chosen = list(states) if states else compare.default_states(pipe, lora_pipe, negative)
         result = compare.run(chosen, prompt, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                              refiner=refiner, high_noise_frac=high_noise_frac, scheduler=scheduler,
                              progress=host.progress_factory())
         paths = compare.save(result, out_dir)
-        sub = str(out_dir.relative_to(root.resolve())) if out_dir.is_relative_to(root.resolve()) else ""
-        shown = [paths["grid"]] + list(paths["panels"])
-        ui = {"images": [{"filename": p.name, "subfolder": sub, "type": "output"} for p in shown]}
-        return {"ui": ui, "result": result.tensors()}
+        return {"ui": {"images": output_images([paths["grid"], *paths["panels"]])}, "result": result.tensors()}
 
 
 NODES = {

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from .. import host
-from ..core import compare, instruct, instruct_data, sampling
+from ..core import instruct, instruct_data, sampling
 from ..core.errors import TuneLabError
 from ..core.files import confined_path
-from .common import PIPE, category, seed_input
+from .common import PIPE, category, dataset_folder, output_images, run_folder, seed_input
 
 SYNONYMS = "cartoonize synonyms (50 built-in)"
 CUSTOM = "custom (instructions below)"
@@ -192,30 +192,15 @@ class InstructEvaluate:
     def evaluate(self, pipe, label, dataset, steps, image_guidance, guidance, seed, limit, output_name,
                  pipe_2=None, label_2="model 2", pipe_3=None, label_3="model 3", pipe_4=None, label_4="model 4",
                  negative=""):
-        out_root = host.output_dir()
-        folder = find_dataset(dataset)
-        out_dir = confined_path(out_root, f"{output_name.strip().rstrip('/')}/{compare.timestamp()}", "output_name")
+        folder = dataset_folder(dataset, "dataset", marker=instruct_data.METADATA)
+        out_dir = run_folder(output_name)
         models = [(label, pipe)] + [(lb, p) for p, lb in ((pipe_2, label_2), (pipe_3, label_3), (pipe_4, label_4))
                                     if p is not None]
         ev = instruct.evaluate(models, folder, steps=steps, image_guidance=image_guidance, guidance=guidance,
                                seed=seed, limit=limit, negative=negative or "", out_dir=out_dir,
                                progress=host.progress_factory())
         grids = grids_tensor([g for _, g in ev.grids])
-        shown = []
-        for p in ev.paths["grids"]:
-            shown.append({"filename": p.name, "subfolder": _relative(p.parent, out_root), "type": "output"})
-        return {"ui": {"images": shown, "text": [ev.table]}, "result": (grids, ev.table)}
-
-
-def find_dataset(name: str):
-    """A dataset folder named relative to ComfyUI's output folder, else its input folder (both confined)."""
-    roots = [host.output_dir(), host.input_dir()]
-    for root in roots:
-        path = confined_path(root, name, "dataset")
-        if (path / instruct_data.METADATA).is_file():
-            return path
-    raise TuneLabError(f"no instruction dataset '{name}' (a folder with {instruct_data.METADATA}) under ComfyUI's "
-                       "output or input folder; build one with TuneLab Instruction Dataset", input_name="dataset")
+        return {"ui": {"images": output_images(ev.paths["grids"]), "text": [ev.table]}, "result": (grids, ev.table)}
 
 
 def grids_tensor(grids: list):

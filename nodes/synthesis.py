@@ -4,7 +4,7 @@ from __future__ import annotations
 from .. import host
 from ..core import sampling, synthesis
 from ..core.files import confined_path
-from .common import PIPE, category, seed_input, size_input
+from .common import PIPE, category, output_images, seed_input, size_input
 
 MAX_PREVIEW = 64
 
@@ -76,10 +76,7 @@ class WrongImageSynthesis:
         for p in shown:
             with Image.open(p) as im:
                 pils.append(im.convert("RGB"))
-        root = host.output_dir().resolve()
-        sub = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else ""
-        ui = {"images": [{"filename": p.name, "subfolder": sub, "type": "output"} for p in shown],
-              "text": [report.summary()]}
+        ui = {"images": output_images(shown), "text": [report.summary()]}
         return {"ui": ui, "result": (images_mod.pil_to_tensor(pils), str(folder))}
 
 

@@ -1,40 +1,14 @@
 """TuneLab Train LoRA: Dreambooth LoRA for SDXL (optionally with pivotal tuning) inside the graph."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .. import host
 from ..core.errors import TuneLabError
 from ..core.files import confined_path
-from .common import PIPE, category, seed_input
+from .common import PIPE, category, dataset_folder, output_images, seed_input
 
 MAX_STEPS = 100_000
-
-
-def dataset_dir(text: str) -> Path:
-    """A dataset folder confined to ComfyUI's output or input directory: a name relative to either (output first),
-    or an absolute path that resolves inside one of them (what the synthesis node outputs). Nothing else: the
-    string reaches the server through POST /prompt."""
-    if not isinstance(text, str) or not text.strip():
-        raise TuneLabError("no dataset folder given; wire the synthesis node's dataset_path or type a folder name "
-                           "under the output directory", input_name="dataset_path")
-    text = text.strip()
-    roots = [host.output_dir(), host.input_dir()]
-    if os.path.isabs(text):
-        real = Path(os.path.realpath(text))
-        for root in roots:
-            r = Path(os.path.realpath(root))
-            if real == r or r in real.parents:
-                return real
-        raise TuneLabError(f"'{text}' is outside ComfyUI's output and input folders; datasets must live there",
-                           input_name="dataset_path")
-    found = [confined_path(root, text, "dataset_path") for root in roots]
-    for p in found:
-        if p.is_dir():
-            return p
-    raise TuneLabError(f"no folder '{text}' in the output ({roots[0]}) or input ({roots[1]}) directory",
-                       input_name="dataset_path")
 
 
 def lora_target(lora_name: str) -> tuple:
@@ -156,7 +130,7 @@ class TrainLora:
         from ..core import lora
         from ..training.lora_sdxl import LoraTrainConfig, train
 
-        data = dataset_dir(dataset_path)
+        data = dataset_folder(dataset_path, "dataset_path")
         out_path, out_name, run_dir = lora_target(lora_name)
         targets = tuple(t.strip() for t in str(target_modules).split(",") if t.strip())
         host.free_comfy_models()
@@ -183,11 +157,7 @@ class TrainLora:
             validation = images_mod.pil_to_tensor(result.validation_images)
         else:  # validation is best effort (it never costs the LoRA); keep the output a valid IMAGE
             validation = torch.zeros((1, resolution, resolution, 3))
-        root = host.output_dir().resolve()
-        png = result.loss_curve_png
-        ui = {"images": [{"filename": png.name, "type": "output",
-                          "subfolder": png.parent.relative_to(root).as_posix()
-                          if png.parent.is_relative_to(root) else ""}],
+        ui = {"images": output_images([result.loss_curve_png]),
               "text": [f"{out_name}: {result.steps} steps, final loss {result.losses[-1]:.4f}"
                        if result.losses else out_name]}
         return {"ui": ui, "result": (lora_pipe, out_name, curve, validation)}
@@ -297,7 +267,7 @@ class TrainInstructPix2Pix:
 
         if mode not in ("full", "lora"):
             raise TuneLabError(f"unknown mode '{mode}'; choose full or lora", input_name="mode")
-        data = dataset_dir(dataset_path)
+        data = dataset_folder(dataset_path, "dataset_path")
         out_path, listed, run_dir = ip2p_target(mode, output_name)
         targets = tuple(t.strip() for t in str(target_modules).split(",") if t.strip())
         host.free_comfy_models()
@@ -316,11 +286,7 @@ class TrainInstructPix2Pix:
         else:
             trained = models.load(str(result.output), dtype=pipe.dtype, device=pipe.device)
         curve = images_mod.pil_to_tensor([result.loss_curve])
-        root = host.output_dir().resolve()
-        png = result.loss_curve_png
-        ui = {"images": [{"filename": png.name, "type": "output",
-                          "subfolder": png.parent.relative_to(root).as_posix()
-                          if png.parent.is_relative_to(root) else ""}],
+        ui = {"images": output_images([result.loss_curve_png]),
               "text": [f"{listed}: {result.steps} steps, final loss {result.losses[-1]:.4f}"
                        if result.losses else listed]}
         return {"ui": ui, "result": (trained, listed, curve)}
