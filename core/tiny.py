@@ -173,7 +173,7 @@ def wrong_lora() -> Path:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from . import lora
+    from . import lora_files
 
     unet = UNet2DConditionModel.from_pretrained(str(ensure("tiny-sdxl") / "unet"), use_safetensors=True)
     rank, alpha = 4, 4
@@ -184,7 +184,7 @@ def wrong_lora() -> Path:
         for name, param in unet.named_parameters():
             if "lora_" in name:
                 param.normal_(0.0, 0.5)
-    lora.save(final, unet=get_peft_model_state_dict(unet), rank=rank, alpha=alpha,
+    lora_files.save(final, unet=get_peft_model_state_dict(unet), rank=rank, alpha=alpha,
               metadata={"base_model": "tiny-sdxl", "instance_prompt": "wrong",
                         "note": "built-in demo LoRA with fixed random weights; not trained"})
     return final

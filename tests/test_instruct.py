@@ -549,9 +549,9 @@ def test_ip2p_resume_is_exact_and_sd15_gets_8_channels(train_dataset, tmp_path):
         train(_train_cfg(train_dataset, tmp_path / "other", max_train_steps=4, resume="latest",
                          run_dir=str(tmp_path / "cut_run"), learning_rate=5e-4))
     assert e.value.input_name == "resume"
-    from tunelab.training.ip2p import main
+    from tunelab.training.__main__ import main
 
-    assert main(["--data", str(train_dataset), "--out", str(tmp_path / "from_sd15"), "--model", "tiny-sd15",
+    assert main(["ip2p", "--data", str(train_dataset), "--out", str(tmp_path / "from_sd15"), "--model", "tiny-sd15",
                  "--device", "cpu", "--resolution", "64", "--max-train-steps", "1", "--train-batch-size", "1",
                  "--gradient-accumulation-steps", "1"]) == 0
     cfg = json.loads((tmp_path / "from_sd15" / "unet" / "config.json").read_text())

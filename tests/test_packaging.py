@@ -89,3 +89,36 @@ def test_missing_dependency_hides_only_its_nodes(monkeypatch, caplog):
     assert set(full) - set(classes) == {k for k in full if k.startswith("TuneLabInstruct")}
     assert "TuneLabLoadPipeline" in classes and set(classes) == set(names)
     assert any("instruct" in r.getMessage() and "not installed" in r.getMessage() for r in caplog.records)
+
+
+def _relative_imports(path: Path) -> set:
+    """Sibling modules `path` imports relatively, at module level or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return found
+
+
+def test_layout_root_holds_only_entry_points_and_core_has_no_import_circle():
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if tracked:  # a git checkout (CI, development)
+        assert sorted(p for p in tracked if "/" not in p) == ["__init__.py", "__main__.py", "host.py"]
+    for package in ("core", "cli", "nodes", "training"):
+        modules = {p.stem: p for p in (ROOT / package).glob("*.py")}
+        graph = {m: _relative_imports(p) & set(modules) - {m} for m, p in modules.items()}
+        cycles = []
+
+        def walk(node, path, seen):
+            for dep in sorted(graph[node]):
+                if dep in path:
+                    cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+                elif dep not in seen:
+                    seen.add(dep)
+                    walk(dep, path + [dep], seen)
+
+        for m in sorted(graph):
+            walk(m, [m], {m})
+        assert not cycles, f"import circles in {package}/: {sorted(set(cycles))[:5]}"

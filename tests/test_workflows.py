@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tunelab import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, cli
-from tunelab.cli_workflows import WORKFLOWS_DIR, pack_specs
+from tunelab.cli.workflows import WORKFLOWS_DIR, pack_specs
 from tunelab.core import workflow as wf
 
 UI_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))

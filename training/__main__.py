@@ -11,8 +11,8 @@ import logging
 
 from ..cli import run_command
 
-TRAINERS = {"lora": ("..cli_train_lora", "Dreambooth LoRA for SDXL (optional pivotal tuning)"),
-            "ip2p": ("..cli_train_ip2p", "InstructPix2Pix fine-tuning, full or LoRA (one process only)")}
+TRAINERS = {"lora": ("..cli.train_lora", "Dreambooth LoRA for SDXL (optional pivotal tuning)"),
+            "ip2p": ("..cli.train_ip2p", "InstructPix2Pix fine-tuning, full or LoRA (one process only)")}
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-WORKFLOWS_DIR = Path(__file__).resolve().parent / "workflows"
+WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 
 
 def add_arguments(parser) -> None:
@@ -22,8 +22,8 @@ def add_arguments(parser) -> None:
 
 def pack_specs():
     """Node schemas of every TuneLab node (from NODE_CLASS_MAPPINGS) plus the core nodes workflows may use."""
-    from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
-    from .core import workflow
+    from .. import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+    from ..core import workflow
 
     return workflow.node_specs(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host=host)
 
@@ -40,7 +40,7 @@ def load(path: Path):
 
 
 def run(args) -> int:
-    from .core import files, workflow
+    from ..core import files, workflow
 
     specs = pack_specs()
     folder = Path(args.dir)

@@ -64,7 +64,7 @@ def _declared_inputs(client, cache: dict):
 
 
 def run(args) -> int:
-    from .core import queue_client as qc
+    from ..core import queue_client as qc
 
     say = _Printer(args.quiet)
     try:

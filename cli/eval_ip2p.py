@@ -1,7 +1,8 @@
 """`python -m tunelab eval-ip2p`: InstructPix2Pix models on held-out pairs, PSNR/SSIM per model and task."""
 from __future__ import annotations
 
-from .core.instruct import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
+from .args import add_device
+from ..core.instruct import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 
 
 def add_arguments(p) -> None:
@@ -17,16 +18,15 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="one seed for every example and model (default 0)")
     p.add_argument("--limit", type=int, default=10, help="first N held-out pairs (default 10; 0: all)")
     p.add_argument("--negative", default="", help="optional negative prompt for every model")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="auto")
+    add_device(p)
     p.add_argument("--out", required=True, help="output folder for images, grids and reports")
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from . import host
-    from .core import instruct, models, tiny
+    from .. import host
+    from ..core import instruct, models, tiny
 
     specs = args.model or ["tiny-ip2p"]
     labelled = []

@@ -1,7 +1,8 @@
 """`python -m tunelab edit`: one InstructPix2Pix edit of an image file."""
 from __future__ import annotations
 
-from .core.instruct import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_INSTRUCTION, DEFAULT_STEPS
+from .args import add_device, add_model
+from ..core.instruct import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_INSTRUCTION, DEFAULT_STEPS
 
 
 def add_arguments(p) -> None:
@@ -9,8 +10,7 @@ def add_arguments(p) -> None:
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION,
                    help=f"the edit, compel syntax allowed (default: '{DEFAULT_INSTRUCTION}')")
     p.add_argument("--out", required=True, help="output PNG file")
-    p.add_argument("--model", default="tiny-ip2p",
-                   help="InstructPix2Pix checkpoint (.safetensors), diffusers folder or tiny preset (default tiny-ip2p)")
+    add_model(p, "tiny-ip2p", "InstructPix2Pix model")
     p.add_argument("--negative", default="", help="optional negative prompt")
     p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
                    help=f"image guidance scale (default {DEFAULT_IMAGE_GUIDANCE})")
@@ -20,15 +20,14 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--lora", default=None, help="optional LoRA .safetensors for the model")
     p.add_argument("--strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="auto")
+    add_device(p)
 
 
 def run(args) -> int:
     import json
 
-    from . import host
-    from .core import images, instruct, instruct_data, lora, models, tiny
+    from .. import host
+    from ..core import images, instruct, instruct_data, lora, models, tiny
 
     source = instruct_data.load_image(args.image, args.image, "image")
     handle = models.load(host.resolve_model(args.model), dtype=args.dtype, device=args.device)

@@ -1,9 +1,10 @@
 """`python -m tunelab compare`: the three-way comparison (the README's main job)."""
 from __future__ import annotations
 
+from .args import add_device, add_model, add_vae
 import random
 
-from .core.compare import DEFAULT_NEGATIVE, DEFAULT_PROMPT
+from ..core.compare import DEFAULT_NEGATIVE, DEFAULT_PROMPT
 
 TINY_STEPS, TINY_SIZE = 20, 128
 
@@ -11,7 +12,7 @@ TINY_STEPS, TINY_SIZE = 20, 128
 def add_arguments(p) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="shared prompt, compel syntax (default: the seed's)")
     p.add_argument("--negative", default=DEFAULT_NEGATIVE, help="negative prompt of panels 2 and 3 (default: wrong)")
-    p.add_argument("--model", default="tiny-sdxl", help="checkpoint name, .safetensors path, diffusers folder or tiny preset")
+    add_model(p, "tiny-sdxl", "SDXL base")
     p.add_argument("--refiner", default=None, help="optional SDXL refiner (name or path)")
     p.add_argument("--lora", default=None, help="LoRA .safetensors; default on tiny-sdxl: the built-in tiny LoRA")
     p.add_argument("--strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
@@ -22,15 +23,14 @@ def add_arguments(p) -> None:
                    help=f"image size (default 1024 1024; {TINY_SIZE} {TINY_SIZE} on tiny models)")
     p.add_argument("--high-noise-frac", type=float, default=0.8, help="base/refiner split (default 0.8)")
     p.add_argument("--scheduler", default="default", help="diffusers scheduler name (default: the model's)")
-    p.add_argument("--vae", default=None, help="optional VAE override (.safetensors), e.g. the SDXL fp16-fix VAE")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="auto")
+    add_vae(p)
+    add_device(p)
     p.add_argument("--out", required=True, help="folder for grid.png, 01.png.. and settings.json")
 
 
 def run(args) -> int:
-    from . import host
-    from .core import compare, lora, models, tiny
+    from .. import host
+    from ..core import compare, lora, models, tiny
 
     is_tiny = args.model in tiny.PRESETS
     steps = args.steps or (TINY_STEPS if is_tiny else 50)

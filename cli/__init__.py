@@ -10,20 +10,20 @@ import importlib
 import logging
 import sys
 
-from .core.errors import Interrupted, TuneLabError
+from ..core.errors import Interrupted, TuneLabError
 
-# command -> (module under tunelab, help)
+# command -> (module under tunelab.cli, help)
 COMMANDS = {
-    "info": (".cli_info", "print versions, the device and the models found"),
-    "workflows": (".cli_workflows", "validate workflows/*.json and write their API twins (--check: verify only)"),
-    "queue": (".cli_queue", "run an API-format workflow on a ComfyUI server and download its images"),
-    "compare": (".cli_compare", "three-way comparison: base, base + negative 'wrong', LoRA + negative 'wrong'"),
-    "synth": (".cli_synth", "synthesize the 'wrong' dataset (resumable, --shard I/N; --merge to finish shards)"),
-    "train-lora": (".cli_train_lora", "train a Dreambooth LoRA for SDXL (optional pivotal tuning); resumable"),
-    "edit": (".cli_edit", "InstructPix2Pix: edit an image with an instruction (output keeps the input's size)"),
-    "instruct-data": (".cli_instruct_data", "build an instruction dataset: folders, table import or synthesized pairs"),
-    "train-ip2p": (".cli_train_ip2p", "fine-tune InstructPix2Pix on an instruction dataset (full or LoRA); resumable"),
-    "eval-ip2p": (".cli_eval_ip2p", "evaluate InstructPix2Pix models on held-out pairs: PSNR/SSIM, grids, reports"),
+    "info": (".info", "print versions, the device and the models found"),
+    "workflows": (".workflows", "validate workflows/*.json and write their API twins (--check: verify only)"),
+    "queue": (".queue", "run an API-format workflow on a ComfyUI server and download its images"),
+    "compare": (".compare", "three-way comparison: base, base + negative 'wrong', LoRA + negative 'wrong'"),
+    "synth": (".synth", "synthesize the 'wrong' dataset (resumable, --shard I/N; --merge to finish shards)"),
+    "train-lora": (".train_lora", "train a Dreambooth LoRA for SDXL (optional pivotal tuning); resumable"),
+    "edit": (".edit", "InstructPix2Pix: edit an image with an instruction (output keeps the input's size)"),
+    "instruct-data": (".instruct_data", "build an instruction dataset: folders, table import or synthesized pairs"),
+    "train-ip2p": (".train_ip2p", "fine-tune InstructPix2Pix on an instruction dataset (full or LoRA); resumable"),
+    "eval-ip2p": (".eval_ip2p", "evaluate InstructPix2Pix models on held-out pairs: PSNR/SSIM, grids, reports"),
 }
 
 
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             importlib.import_module(mod_name, __package__).add_arguments(p)
         except ImportError as e:  # a missing extra disables its own command only
+            if (e.name or "").split(".")[0] in ("", __package__.split(".")[0]):
+                raise  # one of our own modules is broken: that is a bug, not a missing extra
             p.set_defaults(_unavailable=f"'{name}' is unavailable: {e}")
             p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser

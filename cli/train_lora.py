@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from .args import add_device, add_model, add_vae, split_list
+
 # flags with their own spelling or help; every other config field gets `--field-name` and "(default: X)"
 HELP = {
     "instance_prompt": "the word the LoRA learns (default: wrong); with pivotal tuning it holds the token abstraction",
@@ -33,15 +35,13 @@ _OPTIONAL_INTS = {"max_train_steps", "checkpoints_total_limit"}
 
 
 def add_arguments(p) -> None:
-    from .training.lora_sdxl import LoraTrainConfig
+    from ..training.lora_sdxl import LoraTrainConfig
 
     p.add_argument("--data", required=True, help="dataset folder: images + optional metadata.jsonl (file_name, text)")
     p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, kohya keys)")
-    p.add_argument("--model", default="tiny-sdxl", help="SDXL base: .safetensors checkpoint, diffusers folder or "
-                                                        "tiny preset (default: tiny-sdxl, a toy model)")
-    p.add_argument("--vae", default=None, help="VAE override (.safetensors), e.g. the SDXL fp16-fix VAE")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="weight dtype")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (under accelerate: its device)")
+    add_model(p, "tiny-sdxl", "SDXL base")
+    add_vae(p)
+    add_device(p, accelerate=True)
     p.add_argument("--run-dir", default=None, help="checkpoints, loss curve and validation images "
                                                    "(default: <out stem>_run beside --out)")
     p.add_argument("--resume", default=None, help="'latest' (newest complete checkpoint in the run dir) or a "
@@ -70,7 +70,7 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args):
-    from .training.lora_sdxl import LoraTrainConfig
+    from ..training.lora_sdxl import LoraTrainConfig
 
     values = {}
     for f in dataclasses.fields(LoraTrainConfig):
@@ -78,17 +78,17 @@ def config_from_args(args):
             values[f.name] = getattr(args, f.name)
     if values.get("max_train_steps") == 0:
         values["max_train_steps"] = None
-    from . import host
+    from .. import host
 
     return LoraTrainConfig(data_dir=args.data, output=args.out, model=host.resolve_model(args.model), vae=args.vae,
                            dtype=args.dtype, device=args.device, run_dir=args.run_dir, resume=args.resume,
-                           target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
+                           target_modules=split_list(args.target_modules),
                            **values)
 
 
 def run(args) -> int:
-    from .core import tiny
-    from .training.lora_sdxl import train
+    from ..core import tiny
+    from ..training.lora_sdxl import train
 
     config = config_from_args(args)
     if args.model in tiny.PRESETS:

@@ -12,8 +12,8 @@ def run(args) -> int:
 
     import torch
 
-    from . import __version__, host
-    from .core import tiny
+    from .. import __version__, host
+    from ..core import tiny
 
     print(f"TuneLab {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}")

@@ -1,7 +1,8 @@
 """`python -m tunelab synth`: synthesize the "wrong" dataset (resumable, shardable), or `--merge` the shards."""
 from __future__ import annotations
 
-from .core.synthesis import DEFAULT_BOOST, DEFAULT_GUIDANCE, DEFAULT_INSTANCE_PROMPT, DEFAULT_KEYWORDS, DEFAULT_TEMPLATE
+from .args import add_device, add_model, add_vae
+from ..core.synthesis import DEFAULT_BOOST, DEFAULT_GUIDANCE, DEFAULT_INSTANCE_PROMPT, DEFAULT_KEYWORDS, DEFAULT_TEMPLATE
 
 TINY_STEPS, TINY_SIZE = 4, 64
 
@@ -10,9 +11,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="dataset folder (PNGs, metadata.jsonl, plan.json); rerun to resume")
     p.add_argument("--merge", action="store_true",
                    help="verify that every shard finished and write the sorted metadata.jsonl; loads no model")
-    p.add_argument("--model", default="tiny-sdxl", help="checkpoint name, .safetensors path, diffusers folder or tiny preset")
+    add_model(p, "tiny-sdxl", "SDXL base")
     p.add_argument("--refiner", default=None, help="optional SDXL refiner (the seed used base + refiner at 0.8)")
-    p.add_argument("--vae", default=None, help="optional VAE override (.safetensors), e.g. the SDXL fp16-fix VAE")
+    add_vae(p)
     p.add_argument("--keywords", nargs="+", default=list(DEFAULT_KEYWORDS), metavar="KW",
                    help="keywords, one boosted per prompt (default: the seed's 13)")
     p.add_argument("--boost", default=DEFAULT_BOOST, help=f"compel weight of the boosted keyword (default {DEFAULT_BOOST})")
@@ -33,13 +34,12 @@ def add_arguments(p) -> None:
                    help="make only images with index %% N == I (0-based); run every shard, then --merge")
     p.add_argument("--instance-prompt", default=DEFAULT_INSTANCE_PROMPT,
                    help=f"caption written as 'text' for every image (default {DEFAULT_INSTANCE_PROMPT})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--device", default="auto")
+    add_device(p)
 
 
 def run(args) -> int:
-    from . import host
-    from .core import models, sampling, synthesis, tiny
+    from .. import host
+    from ..core import models, sampling, synthesis, tiny
 
     if args.merge:
         report = synthesis.merge(args.out)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    from .core.instruct_data import COLUMN_PRESETS, DEFAULT_DEGRADATIONS, DEGRADATIONS
+    from ..core.instruct_data import COLUMN_PRESETS, DEFAULT_DEGRADATIONS, DEGRADATIONS
 
     sub = p.add_subparsers(dest="source", required=True)
     f = sub.add_parser("folders", help="pairs from an inputs folder and a targets folder, matched by file name")
@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from .core import instruct_data
+    from ..core import instruct_data
 
     common = dict(seed=args.seed, resolution=args.resolution, limit=args.limit, val_fraction=args.val_fraction)
     if args.source == "folders":
