@@ -93,21 +93,22 @@ def comfy(tmp_path_factory):
     root = Path(os.environ["COMFYUI_PATH"]).expanduser().resolve()
     if not (root / "main.py").is_file():
         pytest.fail(f"COMFYUI_PATH={root} has no main.py; point it at a ComfyUI checkout")
-    link = root / "custom_nodes" / "tunelab"
-    if link.is_symlink() or link.exists():
-        if link.resolve() != PACK:
-            pytest.fail(f"{link} exists but is not this pack ({PACK}); remove it or point it here")
-    else:
-        link.symlink_to(PACK, target_is_directory=True)
+    stray = root / "custom_nodes" / "tunelab"
+    if (stray.is_symlink() or stray.exists()) and stray.resolve() != PACK:
+        pytest.fail(f"{stray} is another copy of the pack and would shadow this one ({PACK}); remove it")
     venv_python = root / ".venv" / "bin" / "python"
     python = str(venv_python) if venv_python.is_file() else sys.executable
 
+    # the pack is linked into a custom_nodes folder of this session (not into the checkout), so several
+    # checkouts of the pack can test against one ComfyUI at the same time
     work = tmp_path_factory.mktemp("comfyui")
-    for sub in ("output", "temp", "user", "models/loras"):
+    for sub in ("output", "temp", "user", "models/loras", "custom_nodes"):
         (work / sub).mkdir(parents=True)
+    if not stray.exists():
+        (work / "custom_nodes" / "tunelab").symlink_to(PACK, target_is_directory=True)
     _write_tiny_loras(work / "models" / "loras", _lora_names_in_workflows())
     (work / "extra_model_paths.yaml").write_text(f"tunelab_test:\n    base_path: {work / 'models'}\n"
-                                                 f"    loras: loras\n")
+                                                 f"    loras: loras\n    custom_nodes: {work / 'custom_nodes'}\n")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = work / "comfyui.log"
