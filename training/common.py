@@ -635,8 +635,7 @@ def preserved(*modules):
             continue
         # by parameter object, not name: peft wraps a targeted layer (to_q.weight -> to_q.base_layer.weight) and
         # the wrapper stays after its adapter is deleted
-        saved.append((m, m.training, [(p, p.requires_grad) for p in m.parameters()],
-                      bool(getattr(m, "is_gradient_checkpointing", False))))
+        saved.append((m, m.training, [(p, p.requires_grad) for p in m.parameters()], _checkpointing(m)))
     try:
         yield
     finally:
@@ -644,9 +643,17 @@ def preserved(*modules):
             m.train(training)
             for p, flag in grads:
                 p.requires_grad_(flag)
-            if bool(getattr(m, "is_gradient_checkpointing", False)) != checkpointing:
+            if _checkpointing(m) != checkpointing:
                 with contextlib.suppress(Exception):
                     (m.enable_gradient_checkpointing if checkpointing else m.disable_gradient_checkpointing)()
+
+
+def _checkpointing(module) -> bool:
+    """Whether gradient checkpointing is on: transformers 5 renamed `is_gradient_checkpointing` (now a deprecated
+    alias that warns) to `is_activation_checkpointing`; diffusers models and older transformers have the old name."""
+    name = ("is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
+    return bool(getattr(module, name, False))
 
 
 def _adapter_names(model) -> list:
