@@ -200,7 +200,10 @@ class InstructEvaluate:
                                seed=seed, limit=limit, negative=negative or "", out_dir=out_dir,
                                progress=host.progress_factory())
         grids = grids_tensor([g for _, g in ev.grids])
-        return {"ui": {"images": output_images(ev.paths["grids"]), "text": [ev.table]}, "result": (grids, ev.table)}
+        reports = [ev.paths[k] for k in ("json", "csv", "summary_csv", "table") if ev.paths.get(k)]
+        ui = {"images": output_images(ev.paths["grids"]), "text": [ev.table],
+              "files": output_images(reports)}  # the reports, for headless clients (`tunelab queue` downloads them)
+        return {"ui": ui, "result": (grids, ev.table)}
 
 
 def grids_tensor(grids: list):
