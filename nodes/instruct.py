@@ -114,7 +114,8 @@ class InstructionDataset:
             "limit": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip":
                       "Keep the first N examples (0: all)."}),
             "val_fraction": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9, "step": 0.05, "tooltip":
-                             "Fraction held out as split 'validation' (evaluation uses it; 0: no split)."}),
+                             "Fraction held out as split 'validation' (evaluation uses it; 0: no split). Split by "
+                             "source image, so no ground truth is in both splits, and every task is validated."}),
             "output_name": ("STRING", {"default": "tunelab/instruct_dataset", "tooltip":
                             "Dataset folder under ComfyUI's output folder; it must be new or hold this same build."}),
         }}
