@@ -156,7 +156,9 @@ def interrupted() -> bool:
 
 class ComfyProgress(Progress):
     """ComfyUI's progress bar; `check()` raises ComfyUI's own interrupt exception so the run ends as
-    `execution_interrupted`, not as an error."""
+    `execution_interrupted`, not as an error. It writes no log lines: ComfyUI shows the bar itself."""
+
+    log_lines = False
 
     def __init__(self, total: int, desc: str = ""):
         super().__init__(total, desc)

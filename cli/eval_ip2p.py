@@ -1,15 +1,23 @@
 """`python -m tunelab eval-ip2p`: InstructPix2Pix models on held-out pairs, PSNR/SSIM per model and task."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from .args import add_device
+from ..core.errors import TuneLabError
 from ..core.instruct import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 
 
 def add_arguments(p) -> None:
     p.add_argument("--dataset", required=True, help="instruction dataset folder (with metadata.jsonl)")
-    p.add_argument("--model", action="append", default=None, metavar="[LABEL=]MODEL",
-                   help="an InstructPix2Pix model (checkpoint, diffusers folder or tiny preset), optionally labelled; "
-                        "repeat to compare several (default: tiny-ip2p)")
+    p.add_argument("--model", action="append", default=None, metavar="[LABEL=]MODEL[+LORA[:WEIGHT]]",
+                   help="an InstructPix2Pix model (checkpoint, diffusers folder or tiny preset), optionally labelled "
+                        "and with LoRAs, e.g. tuned=tiny-ip2p+out/derain.safetensors:0.8; repeat to compare several "
+                        "(default: tiny-ip2p)")
+    p.add_argument("--lora", action="append", default=[], metavar="LABEL=FILE[:WEIGHT]",
+                   help="also evaluate the first --model with this LoRA (e.g. a train-ip2p --mode lora result), "
+                        "labelled LABEL; repeat for several")
     p.add_argument("--columns", default="tunelab", help="column preset or mapping of the dataset (default tunelab)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
@@ -22,21 +30,74 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder for images, grids and reports")
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str  # "" = TuneLab's label (the model's name and its LoRAs)
+    base: str
+    loras: tuple = ()  # ((file, weight), ...)
+
+
+def _known(text: str) -> bool:
+    from ..core import tiny
+
+    return text in tiny.PRESETS or Path(text).exists()
+
+
+def _lora_weight(text: str, flag: str) -> tuple:
+    """'FILE[:WEIGHT]' -> (file, weight); a colon that is not followed by a number belongs to the path."""
+    name, colon, weight = text.rpartition(":")
+    if colon and name and not _known(text):
+        try:
+            return name.strip(), float(weight)
+        except ValueError:
+            pass
+    if not text.strip():
+        raise TuneLabError(f"'{text}': give a LoRA file, e.g. out/derain.safetensors or out/derain.safetensors:0.8",
+                           input_name=flag)
+    return text.strip(), 1.0
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """'[LABEL=]BASE[+LORA[:WEIGHT]]...' (a whole value that names an existing file or a preset is taken as it
+    is, so paths may hold '=' or '+')."""
+    label, source = "", spec.strip()
+    head, sep, tail = source.partition("=")
+    if sep and head.strip() and not _known(source):
+        label, source = head.strip(), tail.strip()
+    if _known(source):
+        return ModelSpec(label, source)
+    base, *loras = source.split("+")
+    if not base.strip():
+        raise TuneLabError(f"'{spec}' names no model before '+'; write e.g. tuned=tiny-ip2p+out/lora.safetensors",
+                           input_name="--model")
+    return ModelSpec(label, base.strip(), tuple(_lora_weight(x, "--model") for x in loras))
+
+
+def parse_lora_spec(spec: str, base: str) -> ModelSpec:
+    """'LABEL=FILE[:WEIGHT]' -> the base model with that LoRA, labelled."""
+    label, sep, file = spec.partition("=")
+    if not sep or not label.strip() or _known(spec):
+        label, file = "", spec
+    return ModelSpec(label.strip(), base, (_lora_weight(file, "--lora"),))
+
+
+def model_specs(models, loras) -> list:
+    specs = [parse_model_spec(m) for m in (models or ["tiny-ip2p"])]
+    return specs + [parse_lora_spec(x, specs[0].base) for x in loras or ()]
+
+
 def run(args) -> int:
-    from pathlib import Path
-
     from .. import host
-    from ..core import instruct, models, tiny
+    from ..core import instruct, lora, models, tiny
 
-    specs = args.model or ["tiny-ip2p"]
+    specs = model_specs(args.model, args.lora)
     labelled = []
     for spec in specs:
-        label, sep, source = spec.partition("=")
-        if not sep or not label.strip() or spec in tiny.PRESETS or Path(spec).exists():
-            label, source = "", spec
-        handle = models.load(host.resolve_model(source.strip()), dtype=args.dtype, device=args.device)
-        labelled.append((label.strip(), handle) if label.strip() else handle)
-    if any(s.split("=")[-1].strip() in tiny.PRESETS for s in specs):
+        handle = models.load(host.resolve_model(spec.base), dtype=args.dtype, device=args.device)
+        for file, weight in spec.loras:
+            handle = lora.load(handle, host.resolve_file("loras", file), weight)
+        labelled.append((spec.label, handle) if spec.label else handle)
+    if any(spec.base in tiny.PRESETS for spec in specs):
         print("note: tiny presets are toy models that produce noise; their scores mean nothing.")
     ev = instruct.evaluate(labelled, args.dataset, steps=args.steps, image_guidance=args.image_guidance,
                            guidance=args.guidance, seed=args.seed, limit=args.limit, negative=args.negative,

@@ -31,7 +31,8 @@ def add_arguments(p) -> None:
                        help="resize the shorter side to this first (default 0: keep the size)")
         q.add_argument("--limit", type=int, default=0, help="keep the first N examples (default 0: all)")
         q.add_argument("--val-fraction", type=float, default=0.0,
-                       help="fraction held out as split 'validation' (default 0: none)")
+                       help="fraction held out as split 'validation', by source image and stratified by task "
+                            "(default 0: none)")
 
 
 def run(args) -> int:

@@ -29,10 +29,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=A,B,C",
                         help="one job per value (comma list or JSON list); several sweeps multiply")
     parser.add_argument("--tiny", action="store_true",
-                        help="swap every model choice for the matching built-in tiny preset (a quick smoke test)")
+                        help="swap every model choice for the matching built-in tiny preset and lower steps and "
+                             "sizes to the tiny defaults (a smoke test of seconds)")
+    parser.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="an HTTP header for every request and the websocket, e.g. 'Authorization: Bearer "
+                             "TOKEN' for a ComfyUI behind a proxy; repeat for several")
+    parser.add_argument("--token-env", default=None, metavar="VAR",
+                        help="send 'Authorization: Bearer $VAR' (keeps the token out of the command line)")
+    parser.add_argument("--retry-for", type=float, default=300.0, metavar="S",
+                        help="keep reconnecting (and resubmitting a prompt a restarted server lost, under the "
+                             "same id) for up to S seconds per outage (default 300)")
+    parser.add_argument("--previews", action="store_true",
+                        help="also download temporary preview files (PreviewImage); by default only saved outputs")
     parser.add_argument("--out", type=Path, default=Path("queue-output"),
-                        help="folder for the downloaded images (default: ./queue-output)")
-    parser.add_argument("--no-download", action="store_true", help="do not download the images")
+                        help="folder for the downloaded outputs: images, reports, other files the nodes report "
+                             "(default: ./queue-output)")
+    parser.add_argument("--no-download", action="store_true", help="do not download anything")
     parser.add_argument("--timeout", type=float, default=3600.0, metavar="S",
                         help="give up (and cancel the prompt) after S seconds per job (default 3600)")
     parser.add_argument("--quiet", action="store_true", help="print only the outcome of each job")
@@ -70,7 +82,9 @@ def run(args) -> int:
     try:
         graph = qc.load_api_graph(args.workflow)
         jobs = qc.expand_jobs(args.set, args.sweep)
-        clients = [qc.ComfyClient(s) for s in (args.server or ["http://127.0.0.1:8188"])]
+        headers = _headers(args)
+        clients = [qc.ComfyClient(s, headers=headers, retry_for=args.retry_for)
+                   for s in (args.server or ["http://127.0.0.1:8188"])]
         qc._websocket_module()
     except qc.QueueError as e:
         say(f"error: {e}", err=True)
@@ -84,7 +98,8 @@ def run(args) -> int:
 
     try:
         if args.tiny:
-            graph = qc.tiny_model_overrides(graph, clients[0].object_info())
+            info = clients[0].object_info()
+            graph = qc.tiny_sizes(qc.tiny_model_overrides(graph, info), info)
         cache: dict = {}
         graphs = [qc.apply_overrides(graph, job, declared=_declared_inputs(clients[0], cache)) for job in jobs]
     except qc.QueueError as e:
@@ -111,13 +126,15 @@ def run(args) -> int:
                 return
             t = tag(i, client)
             label = " ".join(str(o) for o in jobs[i])
+            progress = _NodeProgress(say, t, graphs[i])
+            client.on_notice = lambda text, t=t: say(f"{t} {text}", err=True)
             try:
                 result = client.run(
                     graphs[i], out_dir=None if args.no_download else args.out,
-                    prefix=f"job{i + 1}_" if total > 1 else "", timeout=args.timeout,
+                    prefix=f"job{i + 1}_" if total > 1 else "", timeout=args.timeout, previews=args.previews,
                     on_submit=lambda pid: (in_flight.__setitem__(i, (client, pid)),
                                            say(f"{t} queued prompt {pid}" + (f" ({label})" if label else ""))),
-                    on_event=lambda kind, data: _report(say, t, qc.describe_event(kind, data, graphs[i])),
+                    on_event=progress,
                     on_warning=lambda text: say(f"{t} warning: {text}", err=True))
             except qc.ExecutionFailed as e:
                 codes[i] = e.exit_code
@@ -128,11 +145,7 @@ def run(args) -> int:
                 say(f"{t} error: {e}", err=True)
             else:
                 codes[i] = 0
-                shown = ", ".join(str(p) for p in result.images[:4]) + (" ..." if len(result.images) > 4 else "")
-                n_out = sum(1 for o in result.outputs.values() for v in (o or {}).values() if isinstance(v, list))
-                say(f"{t} success in {result.seconds:.1f} s: "
-                    + (f"{len(result.images)} image(s) -> {shown}" if result.images else
-                       f"{n_out} output(s), no images downloaded"), always=True)
+                say(f"{t} success in {result.seconds:.1f} s: {_outcome(result, args)}", always=True)
             finally:
                 in_flight.pop(i, None)
 
@@ -160,6 +173,55 @@ def run(args) -> int:
     return failed[0] if failed else 0
 
 
-def _report(say, tag, line):
-    if line:
-        say(f"{tag} {line}")
+def _headers(args) -> dict:
+    import os
+
+    from ..core import queue_client as qc
+
+    headers = dict(qc.parse_header(h) for h in args.header)
+    if args.token_env:
+        token = os.environ.get(args.token_env, "").strip()
+        if not token:
+            raise qc.BadWorkflow(f"--token-env {args.token_env}: that environment variable is empty or not set")
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _outcome(result, args) -> str:
+    files = result.files
+    others = [p for p in files if p not in result.images]
+    shown = ", ".join(str(p) for p in files[:4]) + (" ..." if len(files) > 4 else "")
+    text = (f"{len(result.images)} image(s)" + (f" and {len(others)} other file(s)" if others else "")
+            + f" -> {shown}") if files else "nothing downloaded" if args.no_download else "no output files"
+    if result.previews_skipped:
+        text += f"; {result.previews_skipped} temporary preview(s) not downloaded (--previews)"
+    if result.resubmitted or result.reconnects:
+        text += f"; {result.reconnects} reconnect(s), {result.resubmitted} resubmission(s) under the same id"
+    return text
+
+
+class _NodeProgress:
+    """Websocket events in words; a node's progress as a line every few percent with the count, rate and ETA
+    (core.progress.RateLog), not one line per step."""
+
+    def __init__(self, say, tag, graph):
+        from ..core import queue_client as qc
+        from ..core.progress import RateLog
+
+        self.say, self.tag, self.graph, self.qc, self.RateLog = say, tag, graph, qc, RateLog
+        self.logs: dict = {}
+
+    def __call__(self, kind, data) -> None:
+        if kind == "progress":
+            node, total = str(data.get("node")), int(data.get("max") or 1)
+            log = self.logs.get(node)
+            if log is None or log.total != max(total, 1) or int(data.get("value") or 0) < log.last:
+                desc = self.qc.describe_event("progress", {**data, "value": 0}, self.graph).rsplit(":", 1)[0]
+                log = self.logs[node] = self.RateLog(total, desc, write=lambda line: self.say(f"{self.tag} {line}"))
+                log.last = 0
+            log.last = int(data.get("value") or 0)
+            log.update_to(log.last)
+            return
+        line = self.qc.describe_event(kind, data, self.graph)
+        if line:
+            self.say(f"{self.tag} {line}")

@@ -18,7 +18,12 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=d.model, help="InstructPix2Pix or SD1.x model (default %(default)s)")
     p.add_argument("--columns", default=d.columns, help="dataset column preset or mapping (default %(default)s)")
     p.add_argument("--split", default=d.split, help="train on this split when the dataset has one (default train)")
-    for name, kind in (("resolution", int), ("conditioning_dropout_prob", float), ("learning_rate", float),
+    p.add_argument("--resolution", type=int, default=None,
+                   help="training size, both images of a pair resized to it (default 256; on a tiny preset the "
+                        "dataset's smallest side)")
+    p.add_argument("--allow-upscale", action="store_true",
+                   help="accept pairs smaller than the resolution, upscaled with a warning (default: refused)")
+    for name, kind in (("conditioning_dropout_prob", float), ("learning_rate", float),
                        ("lr_warmup_steps", int), ("max_train_steps", int), ("train_batch_size", int),
                        ("gradient_accumulation_steps", int), ("max_grad_norm", float), ("seed", int),
                        ("checkpointing_steps", int), ("checkpoints_total_limit", int), ("rank", int),
@@ -46,7 +51,7 @@ def run(args) -> int:
 
     cfg = Ip2pTrainConfig(
         data_dir=args.data, output=args.out, model=args.model, columns=args.columns, split=args.split or None,
-        resolution=args.resolution, conditioning_dropout_prob=args.conditioning_dropout_prob,
+        resolution=args.resolution, allow_upscale=args.allow_upscale, conditioning_dropout_prob=args.conditioning_dropout_prob,
         learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
         max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,

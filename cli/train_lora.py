@@ -13,8 +13,9 @@ from .args import add_device, add_model, add_vae, split_list
 HELP = {
     "instance_prompt": "the word the LoRA learns (default: wrong); with pivotal tuning it holds the token abstraction",
     "use_captions": "train on each image's 'text' from metadata.jsonl instead of the instance prompt",
-    "resolution": "training size in pixels, a multiple of 8 (default: 1024)",
-    "allow_upscale": "accept images smaller than the resolution (default: refused)",
+    "resolution": "training size in pixels, a multiple of 8 (default: 1024; on a tiny preset the dataset's "
+                  "smallest side, so a tiny synth dataset trains as it is)",
+    "allow_upscale": "accept images smaller than the resolution, upscaled with a warning (default: refused)",
     "alpha": "lora_alpha (default: the rank, i.e. scale 1)",
     "target_modules": "UNet modules with LoRA, comma-separated (default: to_k,to_q,to_v,to_out.0)",
     "train_text_encoder": "also train LoRA on both text encoders (q/k/v/out_proj)",
@@ -31,7 +32,7 @@ HELP = {
 }
 _OWN = {"data_dir", "output", "model", "vae", "dtype", "device", "run_dir", "resume", "target_modules"}
 _OPTIONAL_FLOATS = {"alpha", "snr_gamma", "embedding_lr"}
-_OPTIONAL_INTS = {"max_train_steps", "checkpoints_total_limit"}
+_OPTIONAL_INTS = {"max_train_steps", "checkpoints_total_limit", "resolution"}
 
 
 def add_arguments(p) -> None:
@@ -58,7 +59,8 @@ def add_arguments(p) -> None:
         elif f.name in _OPTIONAL_FLOATS:
             p.add_argument(flag, type=float, default=default, help=f"{text} (default: {default})")
         elif f.name in _OPTIONAL_INTS:
-            p.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
+            p.add_argument(flag, type=int, default=default,
+                           help=text if f.name in HELP and "default" in text else f"{text} (default: {default})")
         elif f.name == "mixed_precision":
             p.add_argument(flag, default=default, choices=["auto", "no", "fp16", "bf16"], help=text)
         elif isinstance(default, int):

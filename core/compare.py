@@ -64,7 +64,9 @@ def run(states: Sequence[State], prompt: str, *, seed: int, steps: int = 50, gui
         image = generate(state.handle, cond, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                          refiner=refiner, high_noise_frac=high_noise_frac, scheduler=scheduler, progress=progress)
         panels.append(images_mod.tensor_to_pil(image)[0])
-    grid = images_mod.labelled_grid(panels, [s.label for s in states], caption=f"seed {seed}: {prompt}")
+    grid = images_mod.labelled_grid(panels, [s.label for s in states], caption=f"seed {seed}: {prompt}",
+                                    details=grid_details(states, steps=steps, guidance=guidance, width=width,
+                                                         height=height, refiner=refiner))
     settings = {
         "prompt": prompt,
         "seed": seed,
@@ -78,6 +80,18 @@ def run(states: Sequence[State], prompt: str, *, seed: int, steps: int = 50, gui
         "versions": versions(),
     }
     return Comparison(panels=panels, grid=grid, settings=settings)
+
+
+def grid_details(states: Sequence[State], *, steps: int, guidance: float, width: int, height: int,
+                 refiner: Optional[PipeHandle] = None) -> str:
+    """The line under the grid's caption: what a reader needs to reproduce it besides the prompt and seed."""
+    loras = list(dict.fromkeys(f"{Path(r.name).stem}" + ("" if float(r.weight) == 1.0 else f" @ {float(r.weight):g}")
+                               for s in states for r in s.handle.loras))
+    parts = [f"{steps} steps", f"guidance {guidance:g}", f"{width}x{height}"]
+    if refiner is not None:
+        parts.append(f"refiner {Path(str(refiner.source)).stem}")
+    parts.append("LoRA " + ", ".join(loras) if loras else "no LoRA")
+    return " · ".join(parts)
 
 
 def versions() -> dict:

@@ -19,6 +19,14 @@ example has its own random stream derived from (seed, example key), so a build i
 seed give byte-identical files. Files are written atomically; `metadata.jsonl` and `dataset_info.json` last. An
 interrupted build resumes in the same folder without duplicates, a finished one with the same settings is reused as
 it is, and a folder holding anything else is refused.
+
+Splits (`val_fraction`) are made by *source*, not by example: examples that share an image (the clean image behind
+each of its degradations, a table's input or ground truth used by several rows) form one group, and a group goes
+whole to `train` or to `validation`, so no ground truth is scored that the model trained on. Within that rule the
+split is stratified by task: every task with at least two groups gets one in validation first, then groups are added
+where their tasks are furthest below the fraction, until validation holds at least `val_fraction` of the examples
+(rounded up to whole groups); at least one group stays in train. `dataset_info.json` records the rule, the groups
+and the sources of each split.
 """
 from __future__ import annotations
 
@@ -369,22 +377,106 @@ class _Example:
     instruction: str
     task: str
     meta: dict = field(default_factory=dict)
+    images: tuple = ()  # identities of the source images it uses (paths, or content hashes of embedded bytes)
 
 
-def _assign_splits(examples: list, seed: int, val_fraction: float) -> dict:
+SPLIT_RULE = "by-source-stratified/1"
+
+
+def source_groups(examples: list) -> list:
+    """Examples joined when they share a source image (union-find over `images`): [[example, ...], ...] in the
+    order of their first example."""
+    parent = list(range(len(examples)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict = {}
+    for i, ex in enumerate(examples):
+        for ident in ex.images or (ex.key,):
+            j = owner.setdefault(ident, i)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    groups: dict = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(root(i), []).append(ex)
+    return list(groups.values())
+
+
+def assign_splits(examples: list, seed: int, val_fraction: float) -> tuple:
+    """({example key: "train" | "validation"}, split report) by source group, stratified by task (module
+    docstring). Refuses a split that cannot hold out anything: fewer than two groups."""
     if not val_fraction:
-        return {}
-    n_val = max(1, round(len(examples) * val_fraction)) if len(examples) > 1 else 0
-    order = sorted(examples, key=lambda e: example_seed(seed, "split\x00" + e.key))
-    val = {e.key for e in order[:n_val]}
-    return {e.key: ("validation" if e.key in val else "train") for e in examples}
+        return {}, None
+    groups = source_groups(examples)
+    if len(groups) < 2:
+        raise TuneLabError(f"a validation split needs at least two source images, and every example here comes from "
+                           f"one source group ({len(examples)} example(s)); add sources or set val_fraction to 0",
+                           input_name="val_fraction")
+    # a stable, seeded order of the groups: ties below are broken by it
+    order = sorted(range(len(groups)), key=lambda g: example_seed(seed, "split\x00" + min(e.key for e in groups[g])))
+    rank = {g: n for n, g in enumerate(order)}
+    tasks_of = [{} for _ in groups]  # group -> {task: examples}
+    task_count: dict = {}
+    task_groups: dict = {}
+    for g, members in enumerate(groups):
+        for e in members:
+            tasks_of[g][e.task] = tasks_of[g].get(e.task, 0) + 1
+            task_count[e.task] = task_count.get(e.task, 0) + 1
+            task_groups.setdefault(e.task, []).append(g)
+    in_train = {t: len(gs) for t, gs in task_groups.items()}  # groups of each task still in train
+    held = {t: 0 for t in task_count}  # examples of each task in validation
+    val: list = []
+    n_val = max(1, round(len(examples) * val_fraction))
+
+    def take(g):
+        val.append(g)
+        for t, n in tasks_of[g].items():
+            held[t] += n
+            in_train[t] -= 1
+
+    def free():  # groups that may still go to validation: train always keeps one
+        chosen = set(val)
+        return [g for g in order if g not in chosen] if len(val) < len(groups) - 1 else []
+
+    def keeps_tasks(g):  # every task of g still has a group in train afterwards
+        return all(in_train[t] > 1 for t in tasks_of[g])
+
+    def gain(g):  # how far g brings its tasks towards the fraction (0..1 per example)
+        return sum(n * min(1.0, max(0.0, val_fraction * task_count[t] - held[t]))
+                   for t, n in tasks_of[g].items()) / len(groups[g])
+
+    # 1. coverage: each task with two or more groups gets one in validation (rarest tasks first)
+    for task in sorted(task_count, key=lambda t: (len(task_groups[t]), t)):
+        if held[task] or len(task_groups[task]) < 2:
+            continue
+        options = [g for g in free() if task in tasks_of[g]]
+        if options:
+            take(max(options, key=lambda g: (keeps_tasks(g), -rank[g])))
+    # 2. fill: prefer groups that leave every task in train, then those whose tasks are furthest below the
+    # fraction, until the target count is reached
+    while sum(len(groups[g]) for g in val) < n_val and free():
+        take(max(free(), key=lambda g: (keeps_tasks(g), gain(g), -rank[g])))
+    chosen = set(val)
+    splits = {e.key: ("validation" if g in chosen else "train") for g, members in enumerate(groups) for e in members}
+    report = {"rule": SPLIT_RULE, "val_fraction": val_fraction, "groups": len(groups),
+              "validation_groups": len(chosen),
+              "tasks": {t: {"train": task_count[t] - held[t], "validation": held[t]} for t in sorted(task_count)},
+              "tasks_not_in_validation": sorted(t for t in task_count if not held[t])}
+    return splits, report
 
 
 def _write(examples: list, out_dir, *, settings: dict, seed: int, val_fraction: float, progress) -> dict:
     out = Path(out_dir)
     if not examples:
         raise TuneLabError("the dataset would be empty: no examples were found", input_name="source")
-    splits = _assign_splits(examples, seed, val_fraction)
+    splits, split_report = assign_splits(examples, seed, val_fraction)
+    if splits:  # a dataset split by an older rule is rebuilt, not reused
+        settings = {**settings, "split_rule": SPLIT_RULE}
     fingerprint = hashlib.sha256(json.dumps({"settings": settings, "keys": [e.key for e in examples]},
                                             sort_keys=True).encode("utf-8")).hexdigest()
     done = _finished(out, fingerprint)
@@ -416,6 +508,10 @@ def _write(examples: list, out_dir, *, settings: dict, seed: int, val_fraction: 
             dict(zip(COLUMN_ROLES, COLUMN_PRESETS["tunelab"])), "examples": len(rows), "tasks": tasks,
             "splits": {s: sum(1 for r in rows if r.get("split") == s) for s in ("train", "validation")}
             if splits else None, "fingerprint": fingerprint, **settings}
+    if split_report is not None:
+        split_report["sources"] = {s: sorted({str(r.get("source")) for r in rows if r.get("split") == s})
+                                   for s in ("train", "validation")}
+        info["split"] = split_report
     write_text_atomic(out / METADATA, text)
     write_text_atomic(out / INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     (out / PARTIAL).unlink(missing_ok=True)
@@ -493,7 +589,8 @@ def from_folders(input_dir, target_dir, out_dir, *, instructions=None, task: Opt
 
         examples.append(_Example(key=stem, name=_safe_stem(stem), load=load, instruction=instruction,
                                  task=task or task_of(instruction),
-                                 meta={"source": a_path.name, "target_source": b_path.name}))
+                                 meta={"source": a_path.name, "target_source": b_path.name},
+                                 images=(_identity(a_path), _identity(b_path))))
     settings = {"kind": "folders", "seed": int(seed), "resolution": resolution, "limit": limit,
                 "val_fraction": val_fraction, "instructions": items, "task": task,
                 "sources": [Path(input_dir).name, Path(target_dir).name]}
@@ -505,6 +602,13 @@ def _load_pair(a_src, b_src, names: tuple, input_names: tuple):
     b = load_image(b_src, names[1], input_names[1])
     prepare_pair(a, b, names, 0)  # refuses mismatched sizes
     return a, b
+
+
+def _identity(src) -> str:
+    """What makes two examples share a source: the real path of a file, the hash of embedded image bytes."""
+    if isinstance(src, (bytes, bytearray)):
+        return "sha256:" + hashlib.sha256(src).hexdigest()
+    return str(Path(src).resolve())
 
 
 def _names(names: Sequence[str], n: int = 5) -> str:
@@ -548,6 +652,7 @@ def synthesize(clean_dir, out_dir, *, degradations: Sequence[str] = DEFAULT_DEGR
             task = DEGRADATIONS[d]
             examples.append(_Example(key=key, name=f"{_safe_stem(stem, 32)}_{d}", load=load,
                                      instruction=TASK_PROMPTS[task], task=task,
+                                     images=(_identity(path),),
                                      meta={"source": path.name, "degradation": d,
                                            "example_seed": example_seed(seed, key)}))
     if limit:
@@ -680,7 +785,7 @@ def from_table(table, out_dir, *, columns="tunelab", image_root=None, seed: int 
         examples.append(_Example(key=f"{n}\x00{a_name}", name=_safe_stem(a_name if not isinstance(a_src, bytes)
                                                                          else f"row{n}"), load=load,
                                  instruction=instruction.strip(), task=task or task_of(instruction),
-                                 meta={"source": source}))
+                                 meta={"source": source}, images=(_identity(a_src), _identity(b_src))))
     settings = {"kind": "table", "seed": int(seed), "resolution": resolution, "limit": limit,
                 "val_fraction": val_fraction, "columns": mapping, "sources": [table.name]}
     return _write(examples, out_dir, settings=settings, seed=seed, val_fraction=val_fraction, progress=progress)

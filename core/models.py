@@ -16,6 +16,7 @@ from typing import Any, Optional
 from . import tiny
 from .errors import TuneLabError
 from .files import check_safetensors
+from .quiet import dtype_kwargs
 
 FAMILY_NAMES = {
     "sdxl": "SDXL base",
@@ -238,6 +239,6 @@ def _load_folder(folder: Path, dtype):
 
     cls = getattr(diffusers, cls_name)
     try:
-        return cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+        return cls.from_pretrained(str(folder), **dtype_kwargs(dtype), use_safetensors=True, local_files_only=True)
     except Exception as e:  # surface diffusers' reason with the folder name, not a deep traceback
         raise TuneLabError(f"could not load '{folder}': {e}", input_name="model") from e

@@ -1,9 +1,15 @@
 """A small client for a running ComfyUI server: submit an API-format graph, follow it, fetch its images.
 
 Uses only ComfyUI's documented routes: ``POST /prompt``, ``GET /ws?clientId=`` (progress), ``GET /history/{id}``,
-``GET /view``, ``POST /interrupt``, ``POST /queue`` (delete), ``GET /object_info`` and ``GET /system_stats``.
-HTTP goes through the standard library; the websocket needs ``websocket-client`` (``pip install tunelab[headless]``).
-Never imports ComfyUI.
+``GET /queue``, ``GET /view``, ``POST /interrupt``, ``POST /queue`` (delete), ``GET /object_info`` and
+``GET /system_stats``. HTTP goes through the standard library; the websocket needs ``websocket-client``
+(``pip install tunelab[headless]``). Never imports ComfyUI.
+
+For real deployments: extra headers (``Authorization: Bearer ...`` for a ComfyUI behind a proxy) go with every
+request and the websocket handshake. The client chooses the prompt id itself, so a retry is idempotent: when the
+websocket drops, it reconnects with backoff under the same client id and follows the same prompt; after an outage
+it asks the server whether it still knows the prompt (``/queue``, then ``/history``) and submits it again, with
+the same id, only when the server lost it (a restart). A prompt is never queued twice on one server.
 """
 from __future__ import annotations
 
@@ -213,6 +219,36 @@ def tiny_model_overrides(graph: Mapping, object_info: Mapping) -> dict:
     return out
 
 
+# The tiny presets' defaults (the CLI's: compare and generate 20 steps at 128 px, synthesis 4 steps at 64 px,
+# training 64 px and a couple of steps), so `queue --tiny` is a smoke test of seconds, not of minutes.
+TINY_CAPS = {"steps": 20, "width": 128, "height": 128, "resolution": 64, "max_train_steps": 2,
+             "validation_inference_steps": 4, "num_class_images": 2, "class_generation_steps": 4}
+TINY_CAPS_BY_CLASS = {"TuneLabWrongImageSynthesis": {"steps": 4, "width": 64, "height": 64}}
+
+
+def tiny_sizes(graph: Mapping, object_info: Mapping) -> dict:
+    """A copy of `graph` whose TuneLab step counts and pixel sizes are lowered to the tiny defaults (`TINY_CAPS`;
+    never raised), kept legal for the server's own widget limits (min, step)."""
+    out = copy.deepcopy(dict(graph))
+    for node in out.values():
+        kind = str(node.get("class_type", ""))
+        if not kind.startswith("TuneLab"):
+            continue
+        caps = {**TINY_CAPS, **TINY_CAPS_BY_CLASS.get(kind, {})}
+        sections = (object_info.get(kind) or {}).get("input") or {}
+        declared = {name: entry for sec in ("required", "optional") for name, entry in (sections.get(sec) or {}).items()}
+        inputs = node.get("inputs") or {}
+        for name, cap in caps.items():
+            value, entry = inputs.get(name), declared.get(name)
+            if not entry or entry[0] != "INT" or not isinstance(value, int) or isinstance(value, bool) or value <= cap:
+                continue
+            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], Mapping) else {}
+            lo, step = int(opts.get("min", 0)), int(opts.get("step", 1) or 1)
+            target = lo + -(-(max(cap, lo) - lo) // step) * step  # onto the widget's step grid, rounding up
+            inputs[name] = min(value, target)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Server messages in words
 # --------------------------------------------------------------------------------------------------------------
@@ -278,13 +314,29 @@ def describe_event(kind: str, data: Mapping, graph: Optional[Mapping] = None) ->
 # The client
 # --------------------------------------------------------------------------------------------------------------
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
 @dataclass
 class RunResult:
     prompt_id: str
     status: str                              # "success"
     outputs: dict = field(default_factory=dict)
-    images: list = field(default_factory=list)  # saved local paths
+    images: list = field(default_factory=list)  # saved local paths of images
     seconds: float = 0.0
+    files: list = field(default_factory=list)  # every saved local path (images, reports, LoRA files ...)
+    previews_skipped: int = 0                # temporary preview files not downloaded (previews=False)
+    resubmitted: int = 0                     # times the prompt was submitted again after the server lost it
+    reconnects: int = 0                      # websocket reconnections
+
+
+def parse_header(text: str) -> tuple:
+    """'Name: value' -> (name, value)."""
+    name, sep, value = str(text).partition(":")
+    if not sep or not name.strip() or any(c in name for c in " \t\r\n") or "\n" in value or "\r" in value:
+        raise BadWorkflow(f"--header {text.split(':')[0]!r}...: expected 'Name: value', e.g. "
+                          f"'Authorization: Bearer TOKEN'")
+    return name.strip(), value.strip()
 
 
 def normalize_server(server: str) -> str:
@@ -310,18 +362,28 @@ def _websocket_module():
 
 class ComfyClient:
     def __init__(self, server: str = "http://127.0.0.1:8188", *, client_id: Optional[str] = None,
-                 http_timeout: float = 30.0):
+                 http_timeout: float = 30.0, headers: Optional[Mapping] = None, retry_for: float = 300.0,
+                 backoff: tuple = (0.5, 15.0)):
+        """`headers`: sent with every request and the websocket handshake. `retry_for`: how long (s) to keep
+        reconnecting and retrying through one outage before giving up; `backoff`: (first, longest) wait in s."""
         self.server = normalize_server(server)
         self._fixed_id = client_id
         self.client_id = client_id or uuid.uuid4().hex
         self.http_timeout = http_timeout
+        self.headers = dict(headers or {})
+        self.retry_for = float(retry_for)
+        self.backoff = (float(backoff[0]), float(backoff[1]))
+        self.on_notice: Optional[Callable[[str], None]] = None  # reconnects, resubmits: one line each
+        self.reconnects = 0
 
     # ---- HTTP -----------------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body=None, query: Optional[Mapping] = None):
         url = self.server + path + (("?" + urllib.parse.urlencode(query)) if query else "")
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data is not None else {})
+        headers = dict(self.headers)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.http_timeout) as resp:
                 return resp.status, resp.read()
@@ -353,6 +415,20 @@ class ComfyClient:
 
     def history(self, prompt_id: str) -> dict:
         return (self._json("GET", f"/history/{urllib.parse.quote(prompt_id)}") or {}).get(prompt_id) or {}
+
+    def queue(self) -> dict:
+        """{"queue_running": [...], "queue_pending": [...]}; each item is [number, prompt_id, prompt, ...]."""
+        return self._json("GET", "/queue") or {}
+
+    def knows(self, prompt_id: str) -> Optional[str]:
+        """"queued" (pending or running), "done" (in the history) or None (the server never had it, or lost it in a
+        restart). The queue is asked first: ComfyUI moves a finished prompt into the history before it leaves the
+        queue, so asking in this order cannot miss one that finishes in between."""
+        q = self.queue()
+        for item in (q.get("queue_running") or []) + (q.get("queue_pending") or []):
+            if isinstance(item, (list, tuple)) and len(item) > 1 and item[1] == prompt_id:
+                return "queued"
+        return "done" if self.history(prompt_id) else None
 
     def view(self, filename: str, subfolder: str = "", kind: str = "output") -> bytes:
         status, raw = self._request("GET", "/view", query={"filename": filename, "subfolder": subfolder, "type": kind})
@@ -389,72 +465,165 @@ class ComfyClient:
                                          "node_errors": answer["node_errors"]}, graph).replace("refused", "warned about"))
         return answer["prompt_id"]
 
+    def submit_idempotent(self, graph: Mapping, prompt_id: str, *, deadline: Optional[float] = None,
+                          on_warning: Optional[Callable[[str], None]] = None) -> str:
+        """POST the graph under our own `prompt_id`, retrying with backoff while the server is unreachable; before
+        each retry it asks whether the earlier attempt got through, so the prompt is queued at most once."""
+        give_up = time.monotonic() + self.retry_for
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        wait = self.backoff[0]
+        while True:
+            try:
+                if self.knows(prompt_id):  # an earlier attempt got through (its answer was lost)
+                    return prompt_id
+                return self.submit(graph, prompt_id=prompt_id, on_warning=on_warning)
+            except ServerUnreachable:
+                if time.monotonic() + wait > give_up:
+                    raise
+                self._notice(f"server unreachable; retrying prompt {prompt_id} in {wait:g} s")
+                time.sleep(wait)
+                wait = min(wait * 2, self.backoff[1])
+
+    def _notice(self, text: str) -> None:
+        if self.on_notice:
+            self.on_notice(text)
+
     # ---- websocket ------------------------------------------------------------------------------------------
-    def connect(self):
+    def connect(self, *, fresh: bool = True):
         """Open the progress websocket; do this before `submit` so no message is missed.
 
-        Each connection gets a fresh client id (unless one was fixed): ComfyUI drops the socket registered under
-        an id when an older connection with that id closes, so reusing one could lose a later run's messages."""
+        Each run gets a fresh client id (unless one was fixed): ComfyUI drops the socket registered under an id
+        when an older connection with that id closes, so reusing one could lose a later run's messages. A
+        reconnection during a run (`fresh=False`) keeps the id: ComfyUI sends the prompt's messages to it."""
         websocket = _websocket_module()
-        if not self._fixed_id:
+        if fresh and not self._fixed_id:
             self.client_id = uuid.uuid4().hex
         parsed = urllib.parse.urlparse(self.server)
         scheme = "wss" if parsed.scheme == "https" else "ws"
         url = f"{scheme}://{parsed.netloc}{parsed.path}/ws?clientId={urllib.parse.quote(self.client_id)}"
         try:
-            ws = websocket.create_connection(url, timeout=self.http_timeout)
+            ws = websocket.create_connection(url, timeout=self.http_timeout,
+                                             header=[f"{k}: {v}" for k, v in self.headers.items()])
         except (OSError, websocket.WebSocketException) as e:
             raise ServerUnreachable(f"cannot open ComfyUI's websocket at {url} ({e})") from None
         return ws
 
     def wait(self, ws, prompt_id: str, *, timeout: Optional[float] = None,
              on_event: Optional[Callable[[str, dict], None]] = None, poll: float = 0.5,
-             quiet_check: float = 10.0) -> str:
+             quiet_check: float = 10.0, resubmit: Optional[Callable[[], None]] = None) -> str:
         """Follow `prompt_id` until it ends; returns "success" or raises ExecutionFailed / ExecutionInterrupted /
-        QueueTimeout. Asks /history when the websocket drops, or stays silent for `quiet_check` seconds."""
+        QueueTimeout / ServerUnreachable. Asks /history when the websocket stays silent for `quiet_check` s.
+
+        When the socket drops, it polls /history and reconnects with backoff (same client id). Once the server
+        answers again after an outage it asks whether the prompt is still known (`knows`): finished -> its status
+        from /history; lost (a restart) -> `resubmit()` submits it again under the same id. An outage longer than
+        `retry_for` raises ServerUnreachable. A socket this call opened is closed here."""
         websocket = _websocket_module()
         deadline = None if timeout is None else time.monotonic() + timeout
+        own = None  # a socket this call opened
         if ws is not None:
             ws.settimeout(poll)
         last_news = time.monotonic()
-        while True:
-            if deadline is not None and time.monotonic() > deadline:
-                raise QueueTimeout(f"prompt {prompt_id} did not finish within {timeout:g} s")
-            if ws is None:
-                done = self._status_from_history(prompt_id)
-                if done:
-                    return done
-                time.sleep(poll)
-                continue
-            try:
-                raw = ws.recv()
-            except websocket.WebSocketTimeoutException:
-                if time.monotonic() - last_news > quiet_check:  # a quiet socket: make sure we missed nothing
-                    last_news = time.monotonic()
-                    done = self._status_from_history(prompt_id)
-                    if done:
-                        return done
-                continue
-            except (websocket.WebSocketException, OSError):
-                ws = None  # the socket dropped: ask /history instead
-                continue
-            if isinstance(raw, bytes) or not raw:
-                continue  # binary preview frames
-            try:
-                msg = json.loads(raw)
-            except ValueError:
-                continue
-            kind, data = msg.get("type"), msg.get("data") or {}
-            if data.get("prompt_id") not in (None, prompt_id):
-                continue
-            if kind != "status" and data.get("prompt_id") is None:
-                continue
-            last_news = time.monotonic()
-            if on_event and kind != "status":
-                on_event(kind, data)
-            result = self._final(kind, data, prompt_id)
-            if result:
-                return result
+        wait, next_connect = self.backoff[0], 0.0
+        outage: Optional[float] = None  # when the current outage began: the server may have lost the prompt
+        try:
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now > deadline:
+                    raise QueueTimeout(f"prompt {prompt_id} did not finish within {timeout:g} s")
+                if ws is None:
+                    if now >= next_connect:
+                        try:
+                            ws = own = self.connect(fresh=False)
+                            ws.settimeout(poll)
+                            self.reconnects += 1
+                            last_news = time.monotonic()
+                            self._notice(f"websocket reconnected; following prompt {prompt_id}")
+                        except ServerUnreachable:
+                            outage = outage or now
+                            next_connect, wait = now + wait, min(wait * 2, self.backoff[1])
+                    try:
+                        done = self._after_outage(prompt_id, resubmit) if outage else \
+                            self._status_from_history(prompt_id)
+                        outage = None
+                        if done:
+                            return done
+                    except ServerUnreachable:
+                        outage = outage or now
+                        if now - outage > self.retry_for:
+                            raise ServerUnreachable(f"ComfyUI at {self.server} stayed unreachable for more than "
+                                                    f"{self.retry_for:g} s while running prompt {prompt_id}") from None
+                    if ws is None:
+                        time.sleep(poll)
+                    continue
+                try:
+                    raw = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    if time.monotonic() - last_news > quiet_check:  # a quiet socket: make sure we missed nothing
+                        last_news = time.monotonic()
+                        try:
+                            done = self._status_from_history(prompt_id)
+                            lost = not done and self.knows(prompt_id) is None
+                        except ServerUnreachable:
+                            done, lost = None, True
+                        if done:
+                            return done
+                        if lost:  # a half-open socket to a server that restarted or went away
+                            self._close(ws)
+                            ws = own = None
+                            outage = outage or time.monotonic()
+                    continue
+                except (websocket.WebSocketException, OSError):
+                    self._close(ws)
+                    ws = own = None
+                    outage = outage or time.monotonic()
+                    next_connect = time.monotonic() + wait
+                    self._notice(f"websocket dropped; reconnecting in {wait:g} s")
+                    wait = min(wait * 2, self.backoff[1])
+                    continue
+                wait = self.backoff[0]
+                if isinstance(raw, bytes) or not raw:
+                    continue  # binary preview frames
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    continue
+                kind, data = msg.get("type"), msg.get("data") or {}
+                if data.get("prompt_id") not in (None, prompt_id):
+                    continue
+                if kind != "status" and data.get("prompt_id") is None:
+                    continue
+                last_news = time.monotonic()
+                if on_event and kind != "status":
+                    on_event(kind, data)
+                result = self._final(kind, data, prompt_id)
+                if result:
+                    return result
+        finally:
+            if own is not None:
+                self._close(own)
+
+    def _after_outage(self, prompt_id: str, resubmit) -> Optional[str]:
+        """The server answers again: the prompt's final status if it finished, None if it is still queued or
+        running; a prompt the server lost is submitted again (same id) through `resubmit`."""
+        state = self.knows(prompt_id)
+        if state == "done":
+            return self._status_from_history(prompt_id)
+        if state is None:
+            if resubmit is None:
+                raise QueueError(f"the server lost prompt {prompt_id} (restarted?) and this call cannot submit it "
+                                 "again; run it once more")
+            self._notice(f"the server lost prompt {prompt_id} (restarted?); submitting it again under the same id")
+            resubmit()
+        return None
+
+    @staticmethod
+    def _close(ws) -> None:
+        try:
+            ws.close()
+        except Exception:
+            pass
 
     @staticmethod
     def _final(kind, data, prompt_id) -> Optional[str]:
@@ -481,30 +650,36 @@ class ComfyClient:
         return None
 
     # ---- outputs --------------------------------------------------------------------------------------------
-    def output_images(self, prompt_id: str, wait: float = 5.0) -> tuple:
-        """(outputs, [image descriptors {filename, subfolder, type, node}]) from /history."""
+    def output_files(self, prompt_id: str, wait: float = 5.0) -> tuple:
+        """(outputs, [file descriptors {filename, subfolder, type, node, key}]) from /history: every file a node
+        reports, under any output key (images, gifs, audio, and TuneLab's `files`: reports, LoRA copies ...)."""
         end = time.monotonic() + wait
         entry = self.history(prompt_id)
-        while not entry.get("outputs") and time.monotonic() < end:
+        while not entry.get("outputs") and not entry.get("status") and time.monotonic() < end:  # not recorded yet
             time.sleep(0.2)
             entry = self.history(prompt_id)
         outputs = entry.get("outputs") or {}
-        images = []
+        files = []
         for node_id, out in outputs.items():
-            for items in (out or {}).values():
+            for key, items in (out or {}).items():
                 if isinstance(items, list):
-                    images += [{**i, "node": node_id} for i in items
-                               if isinstance(i, Mapping) and isinstance(i.get("filename"), str)]
-        return outputs, images
+                    files += [{**i, "node": node_id, "key": key} for i in items
+                              if isinstance(i, Mapping) and isinstance(i.get("filename"), str)]
+        return outputs, files
 
-    def download(self, images: Iterable[Mapping], out_dir, prefix: str = "") -> list:
+    def output_images(self, prompt_id: str, wait: float = 5.0) -> tuple:
+        """(outputs, image descriptors): `output_files` limited to image files."""
+        outputs, files = self.output_files(prompt_id, wait)
+        return outputs, [f for f in files if is_image_name(f["filename"])]
+
+    def download(self, files: Iterable[Mapping], out_dir, prefix: str = "") -> list:
         from .files import atomic_path
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         saved = []
-        for img in images:
-            name = Path(str(img["filename"]).replace("\\", "/")).name
+        for item in files:
+            name = Path(str(item["filename"]).replace("\\", "/")).name
             if name in ("", ".", ".."):
                 continue
             target = out_dir / f"{prefix}{name}"
@@ -512,7 +687,7 @@ class ComfyClient:
             while target.exists() or target in saved:
                 target = out_dir / f"{prefix}{Path(name).stem}_{n}{Path(name).suffix}"
                 n += 1
-            data = self.view(img["filename"], img.get("subfolder", ""), img.get("type", "output"))
+            data = self.view(item["filename"], item.get("subfolder", ""), item.get("type", "output"))
             with atomic_path(target) as tmp:
                 tmp.write_bytes(data)
             saved.append(target)
@@ -521,16 +696,28 @@ class ComfyClient:
     def run(self, graph: Mapping, *, out_dir=None, prefix: str = "", timeout: Optional[float] = None,
             on_event: Optional[Callable[[str, dict], None]] = None,
             on_submit: Optional[Callable[[str], None]] = None,
-            on_warning: Optional[Callable[[str], None]] = None) -> RunResult:
-        """Submit, follow to the end, download the images. A timeout cancels the prompt before raising."""
+            on_warning: Optional[Callable[[str], None]] = None, previews: bool = False,
+            prompt_id: Optional[str] = None) -> RunResult:
+        """Submit under our own prompt id, follow to the end through dropped sockets and restarts (see the module
+        docstring), download what the nodes report: images and other files (reports, LoRA copies), but not
+        temporary previews (type "temp") unless `previews`. A timeout cancels the prompt before raising."""
         start = time.monotonic()
+        prompt_id = prompt_id or str(uuid.uuid4())
+        deadline = None if timeout is None else start + timeout
+        self.reconnects = 0
+        resubmitted = []
         ws = self.connect()
         try:
-            prompt_id = self.submit(graph, on_warning=on_warning)
+            self.submit_idempotent(graph, prompt_id, deadline=deadline, on_warning=on_warning)
             if on_submit:
                 on_submit(prompt_id)
+
+            def resubmit():
+                self.submit_idempotent(graph, prompt_id, deadline=deadline, on_warning=on_warning)
+                resubmitted.append(prompt_id)
+
             try:
-                status = self.wait(ws, prompt_id, timeout=timeout, on_event=on_event)
+                status = self.wait(ws, prompt_id, timeout=timeout, on_event=on_event, resubmit=resubmit)
             except QueueTimeout:
                 try:
                     self.cancel(prompt_id)
@@ -538,10 +725,14 @@ class ComfyClient:
                     pass
                 raise
         finally:
-            try:
-                ws.close()
-            except Exception:
-                pass
-        outputs, images = self.output_images(prompt_id)
-        saved = self.download(images, out_dir, prefix) if out_dir is not None else []
-        return RunResult(prompt_id, status, outputs, saved, time.monotonic() - start)
+            self._close(ws)
+        outputs, files = self.output_files(prompt_id)
+        wanted = [f for f in files if previews or f.get("type", "output") != "temp"]
+        saved = self.download(wanted, out_dir, prefix) if out_dir is not None else []
+        return RunResult(prompt_id, status, outputs, [p for p in saved if is_image_name(p.name)],
+                         time.monotonic() - start, files=saved, previews_skipped=len(files) - len(wanted),
+                         resubmitted=len(resubmitted), reconnects=self.reconnects)
+
+
+def is_image_name(name: str) -> bool:
+    return Path(str(name)).suffix.lower() in IMAGE_SUFFIXES

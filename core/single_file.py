@@ -18,6 +18,7 @@ from typing import Optional
 from . import tiny
 from .errors import TuneLabError
 from .files import check_safetensors
+from .quiet import dtype_kwargs
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SUPPORTED = "SDXL base, SDXL refiner, SD1.x (1.4/1.5) and InstructPix2Pix"
@@ -298,7 +299,7 @@ def load_single_file(path, *, dtype, tokenizer_dir=None):
 
     import diffusers
 
-    kwargs = dict(config=str(config_dir), local_files_only=True, torch_dtype=dtype, **toks)
+    kwargs = dict(config=str(config_dir), local_files_only=True, **dtype_kwargs(dtype), **toks)
     if family == "sdxl-refiner":
         kwargs.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True)
     if family in ("sd15", "ip2p"):
@@ -340,7 +341,7 @@ def load_vae(path, *, family: str, dtype):
                    if pickled else "no .safetensors weights were found")
             raise TuneLabError(f"'{folder}': {why}", input_name="vae")
         try:
-            vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True,
+            vae = AutoencoderKL.from_pretrained(str(folder), **dtype_kwargs(dtype), use_safetensors=True,
                                                 local_files_only=True)
         except Exception as e:
             raise TuneLabError(f"could not load the VAE folder '{folder}': {_explain(e)}", input_name="vae") from e
@@ -367,7 +368,7 @@ def load_vae(path, *, family: str, dtype):
                            f"has shape {conv_in}", input_name="vae")
     try:
         vae = AutoencoderKL.from_single_file(str(p), config=str(config_dir), subfolder="vae", local_files_only=True,
-                                             torch_dtype=dtype)
+                                             **dtype_kwargs(dtype))
     except Exception as e:
         raise TuneLabError(f"could not load the VAE '{p.name}': {_explain(e)}", input_name="vae") from e
     _check_complete(vae, "VAE", p, "vae")

@@ -64,8 +64,9 @@ def run_folder(output_name: str):
 
 
 def output_images(paths) -> list:
-    """ComfyUI UI entries ({filename, subfolder, type: output}) for files inside the output directory; files
-    elsewhere are left out, since the UI could not fetch them."""
+    """ComfyUI UI entries ({filename, subfolder, type: output}) for files inside the output directory (images, or
+    any file a node reports under "files", which `/view` serves and `tunelab queue` downloads); files elsewhere
+    are left out, since the UI could not fetch them."""
     import os
     from pathlib import Path
 

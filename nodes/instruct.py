@@ -114,7 +114,8 @@ class InstructionDataset:
             "limit": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip":
                       "Keep the first N examples (0: all)."}),
             "val_fraction": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9, "step": 0.05, "tooltip":
-                             "Fraction held out as split 'validation' (evaluation uses it; 0: no split)."}),
+                             "Fraction held out as split 'validation' (evaluation uses it; 0: no split). Split by "
+                             "source image, so no ground truth is in both splits, and every task is validated."}),
             "output_name": ("STRING", {"default": "tunelab/instruct_dataset", "tooltip":
                             "Dataset folder under ComfyUI's output folder; it must be new or hold this same build."}),
         }}
@@ -200,7 +201,10 @@ class InstructEvaluate:
                                seed=seed, limit=limit, negative=negative or "", out_dir=out_dir,
                                progress=host.progress_factory())
         grids = grids_tensor([g for _, g in ev.grids])
-        return {"ui": {"images": output_images(ev.paths["grids"]), "text": [ev.table]}, "result": (grids, ev.table)}
+        reports = [ev.paths[k] for k in ("json", "csv", "summary_csv", "table") if ev.paths.get(k)]
+        ui = {"images": output_images(ev.paths["grids"]), "text": [ev.table],
+              "files": output_images(reports)}  # the reports, for headless clients (`tunelab queue` downloads them)
+        return {"ui": ui, "result": (grids, ev.table)}
 
 
 def grids_tensor(grids: list):

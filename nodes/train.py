@@ -222,7 +222,8 @@ class TrainInstructPix2Pix:
                             ".safetensors is added). Never overwritten. Checkpoints and the loss curve go to "
                             "output/tunelab/train_ip2p/<name>."}),
             "resolution": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 8, "tooltip":
-                           "Training size; both images of a pair are resized to it (256 in the seed's runs)."}),
+                           "Training size; both images of a pair are resized to it (256 in the seed's runs). "
+                           "Pairs smaller than this are refused unless allow_upscale is on."}),
             "max_train_steps": ("INT", {"default": 15000, "min": 1, "max": MAX_STEPS,
                                         "tooltip": "Optimizer steps (15000 in the seed's runs)."}),
             "train_batch_size": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "Pairs per micro-batch."}),
@@ -247,6 +248,8 @@ class TrainInstructPix2Pix:
             "lr_scheduler": (list(LR_SCHEDULERS), {"default": "constant", "tooltip": "diffusers LR schedule."}),
             "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS, "tooltip": "Warm-up steps."}),
             "random_flip": _bool(True, "Flip half of the pairs horizontally (both images together)."),
+            "allow_upscale": _bool(False, "Accept pairs smaller than the resolution (upscaled, with a warning); "
+                                          "by default they are refused, as in Train LoRA."),
             "mixed_precision": (["auto", "no", "fp16", "bf16"], {"default": "auto", "tooltip":
                                 "auto follows the pipe's dtype."}),
             "gradient_checkpointing": _bool(False, "Trade compute for memory."),
@@ -260,7 +263,7 @@ class TrainInstructPix2Pix:
               gradient_accumulation_steps, learning_rate, conditioning_dropout_prob, use_ema, seed, resume="none",
               rank=4, alpha=0.0, target_modules="to_k,to_q,to_v,to_out.0", lr_scheduler="constant",
               lr_warmup_steps=0, random_flip=True, mixed_precision="auto", gradient_checkpointing=False,
-              checkpointing_steps=5000, save_diffusers_copy=False):
+              checkpointing_steps=5000, save_diffusers_copy=False, allow_upscale=False):
         from ..core import images as images_mod
         from ..core import lora, models
         from ..training.ip2p import Ip2pTrainConfig, train
@@ -273,7 +276,7 @@ class TrainInstructPix2Pix:
         host.free_comfy_models()
         config = Ip2pTrainConfig(
             data_dir=str(data), output=str(out_path), model=pipe, run_dir=str(run_dir), mode=mode,
-            resolution=resolution, random_flip=random_flip, conditioning_dropout_prob=conditioning_dropout_prob,
+            resolution=resolution, allow_upscale=allow_upscale, random_flip=random_flip, conditioning_dropout_prob=conditioning_dropout_prob,
             learning_rate=learning_rate, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
             max_train_steps=max_train_steps, train_batch_size=train_batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,

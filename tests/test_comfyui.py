@@ -4,7 +4,9 @@ Runs only when COMFYUI_PATH points at a ComfyUI checkout (see README, Tests); sk
 COMFYUI_PATH/.venv/bin/python when present (the pack must be pip-installed there), a free port on 127.0.0.1 and
 temporary output/temp/user folders, and is stopped when the session ends. LoRA files the shipped workflows name
 are written for the tiny SDXL preset into a temporary models folder it is given. Runs swap models for tiny presets
-and shrink steps/width/height so each workflow takes seconds on a CPU.
+and shrink steps/width/height so each workflow takes seconds on a CPU. The queue client is also tried as a real
+deployment meets it: `queue --tiny` as a timed smoke test, headers through a recording proxy, a websocket dropped
+by that proxy mid-run, and a second server killed and restarted on the same port mid-run.
 
     COMFYUI_PATH=~/comfyui python -m pytest -m comfyui tests/test_comfyui.py -q
 
@@ -88,19 +90,20 @@ def _write_tiny_loras(folder: Path, names):
         lora.save(folder / name, unet=weights, rank=4, alpha=4, metadata={"base_model": "tiny-sdxl"})
 
 
-@pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def _comfy_root():
     root = Path(os.environ["COMFYUI_PATH"]).expanduser().resolve()
     if not (root / "main.py").is_file():
         pytest.fail(f"COMFYUI_PATH={root} has no main.py; point it at a ComfyUI checkout")
+    return root
+
+
+def _workspace(tmp_path_factory):
+    """A session folder with output/temp/user, the tiny LoRAs the workflows name and this checkout linked as a
+    custom node (not into the ComfyUI checkout, so several checkouts can test against one ComfyUI)."""
+    root = _comfy_root()
     stray = root / "custom_nodes" / "tunelab"
     if (stray.is_symlink() or stray.exists()) and stray.resolve() != PACK:
         pytest.fail(f"{stray} is another copy of the pack and would shadow this one ({PACK}); remove it")
-    venv_python = root / ".venv" / "bin" / "python"
-    python = str(venv_python) if venv_python.is_file() else sys.executable
-
-    # the pack is linked into a custom_nodes folder of this session (not into the checkout), so several
-    # checkouts of the pack can test against one ComfyUI at the same time
     work = tmp_path_factory.mktemp("comfyui")
     for sub in ("output", "temp", "user", "models/loras", "custom_nodes"):
         (work / sub).mkdir(parents=True)
@@ -109,39 +112,62 @@ def comfy(tmp_path_factory):
     _write_tiny_loras(work / "models" / "loras", _lora_names_in_workflows())
     (work / "extra_model_paths.yaml").write_text(f"tunelab_test:\n    base_path: {work / 'models'}\n"
                                                  f"    loras: loras\n    custom_nodes: {work / 'custom_nodes'}\n")
-    port = _free_port()
+    return work
+
+
+def start_server(work: Path, port: int = 0, log_name: str = "comfyui.log") -> Server:
+    """Start ComfyUI on 127.0.0.1:`port` (a free one for 0) over `work`, and wait until it answers."""
+    root = _comfy_root()
+    venv_python = root / ".venv" / "bin" / "python"
+    python = str(venv_python) if venv_python.is_file() else sys.executable
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = work / "comfyui.log"
-    log = open(log_path, "wb")
+    log_path = work / log_name
+    log = open(log_path, "ab")
     proc = subprocess.Popen(
         [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--output-directory", str(work / "output"), "--temp-directory", str(work / "temp"),
          "--user-directory", str(work / "user"), "--database-url", "sqlite:///:memory:",
          "--extra-model-paths-config", str(work / "extra_model_paths.yaml")],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.close()
     server = Server(url, log_path, work / "output", proc)
     deadline = time.monotonic() + float(os.environ.get("TUNELAB_COMFY_START_TIMEOUT", "300"))
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{server.log()[-4000:]}")
+        if time.monotonic() > deadline:
+            stop_server(server)
+            pytest.fail(f"ComfyUI did not answer on {url} in time:\n{server.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/system_stats", timeout=2) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{server.log()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not answer on {url} in time:\n{server.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url + "/system_stats", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
+        server.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def comfy_work(tmp_path_factory):
+    return _workspace(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_work):
+    server = start_server(comfy_work)
+    try:
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        stop_server(server)
 
 
 def _png_size(path):
@@ -314,7 +340,8 @@ def _prepare(path, comfy, shrink=True):
 def test_api_workflow_runs_to_completion(path, comfy, tmp_path):
     graph = _prepare(path, comfy)
     events = []
-    result = comfy.client().run(graph, out_dir=tmp_path, timeout=RUN_TIMEOUT, on_event=lambda k, d: events.append(k))
+    result = comfy.client().run(graph, out_dir=tmp_path, timeout=RUN_TIMEOUT, on_event=lambda k, d: events.append(k),
+                                previews=True)
     assert result.status == "success"
     assert result.images, f"{path.name} produced no images (outputs: {result.outputs})"
     for image in result.images:
@@ -380,3 +407,184 @@ def test_interrupt_stops_a_long_tunelab_node(path, comfy):
         entry = client.history(pid[0])
     kinds = [m[0] for m in (entry.get("status") or {}).get("messages") or []]
     assert "execution_interrupted" in kinds and "execution_success" not in kinds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The queue client in real deployments: a quick --tiny smoke test, headers through a proxy, dropped websockets
+# and a server restarted mid-run (never queued twice)
+# ---------------------------------------------------------------------------------------------------------------
+
+class RecordingProxy:
+    """A loopback TCP proxy in front of ComfyUI, as a reverse proxy in a real deployment would be: it records the
+    request head of every connection (plain HTTP and the websocket upgrade), can refuse connections that lack a
+    header (401), and `drop()` cuts every open connection (a network failure)."""
+
+    def __init__(self, upstream: str, require: tuple = ()):
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        self.upstream = (up.hostname, up.port)
+        self.require = tuple(require)  # (lower-case header name, value)
+        self.heads, self.open = [], []
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        data = b""
+        while b"\r\n\r\n" not in data and len(data) < 1 << 16:
+            chunk = conn.recv(4096)
+            if not chunk:
+                conn.close()
+                return
+            data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+        with self.lock:
+            self.heads.append((head[0], headers))
+        if self.require and headers.get(self.require[0]) != self.require[1]:
+            conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
+            return
+        up = socket.create_connection(self.upstream)
+        up.sendall(data)
+        with self.lock:
+            self.open.append((conn, up))
+        for a, b in ((conn, up), (up, conn)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while True:
+                chunk = src.recv(65536)
+                if not chunk:
+                    break
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def drop(self):
+        with self.lock:
+            pairs, self.open = self.open, []
+        for pair in pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+        self.drop()
+
+
+def test_queue_tiny_smoke_test_is_quick_and_headers_reach_the_server(comfy, tmp_path, capsys, monkeypatch):
+    proxy = RecordingProxy(comfy.url, require=("authorization", "Bearer t0ken"))
+    try:
+        wf_path = API_DIR / "three_way_comparison.json"
+        rc = cli.main(["queue", str(wf_path), "--tiny", "--server", proxy.url, "--out", str(tmp_path / "denied")])
+        assert rc == qc.EXIT_FAILED and "HTTP 401" in capsys.readouterr().err  # the proxy wants the token
+        monkeypatch.setenv("TUNELAB_TEST_TOKEN", "t0ken")
+        out = tmp_path / "out"
+        start = time.monotonic()
+        rc = cli.main(["queue", str(wf_path), "--tiny", "--server", proxy.url, "--out", str(out),
+                       "--token-env", "TUNELAB_TEST_TOKEN"])
+        seconds = time.monotonic() - start
+        captured = capsys.readouterr()
+        assert rc == 0, captured
+        print(f"queue --tiny three_way_comparison.json: {seconds:.1f} s")
+        assert seconds < 60, f"the smoke test took {seconds:.1f} s"
+        files = sorted(p.name for p in out.iterdir())
+        assert files == ["01.png", "02.png", "03.png", "grid.png"], files  # the Compare node's saved outputs
+        assert _png_size(out / "01.png") == (128, 128)  # sizes lowered to the tiny default, not 1024
+        assert "1 temporary preview(s) not downloaded" in captured.out
+        granted = [(line, h) for line, h in proxy.heads if h.get("authorization") == "Bearer t0ken"]
+        assert any(line.startswith("POST /prompt") for line, _ in granted)
+        assert any(line.startswith("GET /ws?") and h.get("upgrade", "").lower() == "websocket" for line, h in granted)
+        assert any(line.startswith("GET /view?") for line, _ in granted)
+    finally:
+        proxy.close()
+
+
+def _long_generate(comfy, steps=300):
+    """weighted_prompt.json on the tiny presets with a long TuneLab Generate (a node to catch mid-run)."""
+    info = comfy.object_info()
+    graph = qc.tiny_sizes(qc.tiny_model_overrides(qc.load_api_graph(API_DIR / "weighted_prompt.json"), info), info)
+    (gen_id,) = [i for i, n in graph.items() if n["class_type"] == "TuneLabGenerate"]
+    graph[gen_id]["inputs"].update(steps=steps, width=64, height=64)
+    return _fresh_output_names(graph), gen_id
+
+
+def _on_first_progress(node_id, action):
+    fired = threading.Event()
+
+    def on_event(kind, data):
+        if kind == "progress" and str(data.get("node")) == node_id and not fired.is_set():
+            fired.set()
+            threading.Thread(target=action, daemon=True).start()
+    return on_event, fired
+
+
+def test_dropped_websocket_is_followed_again_without_queuing_twice(comfy, tmp_path):
+    graph, gen_id = _long_generate(comfy)
+    proxy = RecordingProxy(comfy.url)
+    try:
+        client = qc.ComfyClient(proxy.url, http_timeout=60, backoff=(0.2, 2.0))
+        notices = []
+        client.on_notice = notices.append
+        on_event, fired = _on_first_progress(gen_id, proxy.drop)
+        before = comfy.log().count("got prompt")
+        result = client.run(graph, out_dir=tmp_path, timeout=RUN_TIMEOUT, on_event=on_event)
+        assert fired.is_set() and result.status == "success"
+        assert result.reconnects >= 1 and result.resubmitted == 0, notices
+        assert comfy.log().count("got prompt") == before + 1  # queued once
+        assert result.images
+    finally:
+        proxy.close()
+
+
+def test_restarted_server_runs_the_prompt_once_more_under_the_same_id(comfy, comfy_work, tmp_path):
+    graph, gen_id = _long_generate(comfy)
+    port = _free_port()
+    first = start_server(comfy_work, port, log_name="restart-1.log")
+    second = []
+
+    def restart():
+        stop_server(first)
+        second.append(start_server(comfy_work, port, log_name="restart-2.log"))
+
+    try:
+        client = qc.ComfyClient(first.url, http_timeout=60, backoff=(0.5, 2.0))
+        notices = []
+        client.on_notice = notices.append
+        on_event, fired = _on_first_progress(gen_id, restart)
+        result = client.run(graph, out_dir=tmp_path, timeout=RUN_TIMEOUT, on_event=on_event)
+        assert fired.is_set() and result.status == "success", notices
+        assert result.resubmitted == 1 and any("lost prompt" in n for n in notices), notices
+        assert first.log().count("got prompt") == 1 and second[0].log().count("got prompt") == 1
+        assert qc.ComfyClient(second[0].url).knows(result.prompt_id) == "done"  # under the client's own id
+        assert result.images
+    finally:
+        for s in [first, *second]:
+            if s.proc.poll() is None:
+                stop_server(s)

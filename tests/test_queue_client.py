@@ -3,8 +3,9 @@
 The fake speaks the documented protocol: POST /prompt answers {prompt_id, number, node_errors} or 400
 {error, node_errors}; a worker thread then sends execution_start / executing / progress / executed /
 execution_success (or execution_error / execution_interrupted) to the client's websocket and records /history.
-Node behaviour is chosen by class_type: "Slow" reports progress until interrupted, "Fail" raises, SaveImage and
-PreviewImage produce images.
+Node behaviour is chosen by class_type: "Slow" reports progress until interrupted, "Steps" reports `n` steps,
+"Fail" raises, SaveImage and PreviewImage produce images, "Report" a non-image file. `drop_sockets()` cuts every
+open websocket (a network drop); `restart()` also forgets every prompt and its history (a server restart).
 """
 import base64
 import hashlib
@@ -47,14 +48,18 @@ def _frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 
 class FakeComfy:
-    KNOWN = {"TuneLabLoadPipeline", "EmptyImage", "SaveImage", "PreviewImage", "Slow", "Fail"}
+    KNOWN = {"TuneLabLoadPipeline", "EmptyImage", "SaveImage", "PreviewImage", "Slow", "Fail", "Steps", "Report"}
+    REPORT = b'{"psnr": 30.0}\n'
 
     def __init__(self, drop_websocket=False, step_seconds=0.02):
         self.drop_websocket = drop_websocket
         self.step_seconds = step_seconds
-        self.prompts, self.history, self.requests = {}, {}, []
+        self.prompts, self.history, self.requests, self.headers = {}, {}, [], []
         self.sockets: dict = {}
         self.interrupt_flag = threading.Event()
+        self.socket_gen = 0  # bumped by drop_sockets(): handlers of an older generation hang up
+        self.generation = 0  # bumped by restart(): executions of an older generation vanish
+        self.submissions = []  # every accepted POST /prompt body, across restarts
         self.deleted, self.interrupts = [], []
         self.lock = threading.Lock()
         self.png = _png()
@@ -83,6 +88,7 @@ class FakeComfy:
                 url = urllib.parse.urlparse(self.path)
                 q = dict(urllib.parse.parse_qsl(url.query))
                 fake.requests.append(("GET", url.path))
+                fake.headers.append(dict(self.headers))
                 if url.path == "/ws":
                     return self._websocket(q.get("clientId", ""))
                 if url.path == "/system_stats":
@@ -93,12 +99,17 @@ class FakeComfy:
                     name = url.path.rsplit("/", 1)[1]
                     info = fake.object_info()
                     return self._send(200, {name: info[name]} if name in info else {})
+                if url.path == "/queue":
+                    running = [[n, pid, {}, {}, []] for n, pid in enumerate(fake.prompts) if pid not in fake.history]
+                    return self._send(200, {"queue_running": running, "queue_pending": []})
                 if url.path.startswith("/history/"):
                     pid = url.path.rsplit("/", 1)[1]
                     return self._send(200, {pid: fake.history[pid]} if pid in fake.history else {})
                 if url.path == "/view":
                     if q.get("filename", "").endswith(".png"):
                         return self._send(200, fake.png, "image/png")
+                    if q.get("filename", "").endswith(".json"):
+                        return self._send(200, fake.REPORT, "application/json")
                     return self._send(404, {"error": "not found"})
                 return self._send(404, {"error": "no route"})
 
@@ -106,6 +117,7 @@ class FakeComfy:
                 path = urllib.parse.urlparse(self.path).path
                 body = self._body()
                 fake.requests.append(("POST", path))
+                fake.headers.append(dict(self.headers))
                 if path == "/prompt":
                     status, answer = fake.accept(body)
                     return self._send(status, answer)
@@ -151,6 +163,7 @@ class FakeComfy:
                 if fake.drop_websocket:
                     return
                 outbox = queue.Queue()
+                gen = fake.socket_gen
                 with fake.lock:
                     fake.sockets[client_id] = outbox
                 closed = threading.Event()
@@ -160,7 +173,7 @@ class FakeComfy:
                         "exec_info": {"queue_remaining": 0}}, "sid": client_id}}).encode()))
                     self.wfile.write(_frame(b"\x00\x00\x00\x01\x00\x00\x00\x02fakepng", opcode=0x2))
                     self.wfile.flush()
-                    while not fake.stopping and not closed.is_set():
+                    while not fake.stopping and not closed.is_set() and gen == fake.socket_gen:
                         try:
                             msg = outbox.get(timeout=0.05)
                         except queue.Empty:
@@ -171,13 +184,29 @@ class FakeComfy:
                     pass
                 finally:
                     with fake.lock:
-                        fake.sockets.pop(client_id, None)
+                        if fake.sockets.get(client_id) is outbox:
+                            fake.sockets.pop(client_id, None)
+                    if gen != fake.socket_gen:  # dropped: cut the TCP connection, as a network failure would
+                        try:
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def drop_sockets(self):
+        self.socket_gen += 1
+
+    def restart(self):
+        """Forget every prompt (running ones stop without a trace) and cut the sockets, like a restarted server."""
+        self.generation += 1
+        self.prompts.clear()
+        self.history.clear()
+        self.drop_sockets()
 
     def close(self):
         self.stopping = True
@@ -216,6 +245,7 @@ class FakeComfy:
                          "node_errors": errors}
         pid = body.get("prompt_id") or str(uuid.uuid4())
         self.prompts[pid] = body
+        self.submissions.append(body)
         threading.Thread(target=self.execute, args=(pid, graph, client_id), daemon=True).start()
         return 200, {"prompt_id": pid, "number": len(self.prompts), "node_errors": {}}
 
@@ -230,15 +260,25 @@ class FakeComfy:
             time.sleep(0.01)
 
     def execute(self, pid, graph, client_id):
+        try:
+            self._execute(pid, graph, client_id, self.generation)
+        except _Vanished:
+            pass
+
+    def _execute(self, pid, graph, client_id, generation):
         messages, outputs = [], {}
 
         def emit(kind, data):
+            if generation != self.generation:
+                raise _Vanished
             data = {**data, "prompt_id": pid, "timestamp": int(time.time() * 1000)}
             if kind.startswith("execution_"):
                 messages.append([kind, data])
             self.send(client_id, kind, data)
 
         def finish(status_str, completed):
+            if generation != self.generation:
+                raise _Vanished
             self.history[pid] = {"prompt": [0, pid, graph, {}, []], "outputs": outputs,
                                  "status": {"status_str": status_str, "completed": completed, "messages": messages}}
             self.send(client_id, "executing", {"node": None, "prompt_id": pid})
@@ -263,6 +303,17 @@ class FakeComfy:
                                          "traceback": ["Traceback (most recent call last):\n", "  line 1\n",
                                                        "RuntimeError: boom\n"]})
                 return finish("error", False)
+            if kind == "Steps":
+                n = int(node["inputs"].get("n", 10))
+                for step in range(1, n + 1):
+                    emit("progress", {"value": step, "max": n, "node": node_id})
+                    time.sleep(self.step_seconds)
+                continue
+            if kind == "Report":
+                files = [{"filename": "report.json", "subfolder": "tunelab/eval", "type": "output"}]
+                outputs[node_id] = {"files": files, "text": ["mean PSNR 30.0"]}
+                emit("executed", {"node": node_id, "display_node": node_id, "output": outputs[node_id]})
+                continue
             for step in (1, 2):
                 emit("progress", {"value": step, "max": 2, "node": node_id})
             if kind in ("SaveImage", "PreviewImage"):
@@ -274,6 +325,10 @@ class FakeComfy:
             time.sleep(self.step_seconds)
         emit("execution_success", {})
         finish("success", True)
+
+
+class _Vanished(Exception):
+    """An execution that a restart() forgot."""
 
 
 @pytest.fixture
@@ -389,7 +444,7 @@ def test_queue_success_progress_and_download(fake, tmp_path, capsys):
     assert sent["1"]["inputs"]["color"] == 255 and sent["9"]["inputs"]["filename_prefix"] == "42"
     assert sent["2"]["inputs"]["model"] == "tiny-sdxl"     # --tiny
     assert body["client_id"]
-    assert all(p in ("/prompt", "/ws", "/history/" + next(iter(fake.prompts)), "/view", "/system_stats",
+    assert all(p in ("/prompt", "/ws", "/queue", "/history/" + next(iter(fake.prompts)), "/view", "/system_stats",
                      "/object_info", "/object_info/EmptyImage", "/object_info/SaveImage",
                      "/object_info/TuneLabLoadPipeline") for _, p in fake.requests)
 
@@ -522,3 +577,152 @@ def test_batch_spreads_over_servers(tmp_path, capsys):
     finally:
         a.close()
         b.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real deployments: headers, idempotent retries, non-image outputs, previews, --tiny sizes
+# ---------------------------------------------------------------------------------------------------------------
+
+STEPS_GRAPH = {"1": {"inputs": {"n": 30}, "class_type": "Steps", "_meta": {"title": "Work"}}, "9": GRAPH["9"],
+               "0": GRAPH["1"]}
+
+
+def test_headers_and_token_reach_every_route(fake, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TUNELAB_TEST_TOKEN", "s3cret")
+    rc = cli.main(["queue", str(_write(tmp_path, GRAPH)), "--server", fake.url, "--out", str(tmp_path / "o"),
+                   "--header", "X-Proxy-User: ada", "--token-env", "TUNELAB_TEST_TOKEN"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured
+    assert "s3cret" not in captured.out + captured.err
+    routes = {path for _, path in fake.requests}
+    assert {"/prompt", "/ws", "/view", "/system_stats"} <= routes
+    assert len(fake.headers) == len(fake.requests)
+    for headers in fake.headers:
+        assert headers.get("Authorization") == "Bearer s3cret" and headers.get("X-Proxy-User") == "ada"
+    rc = cli.main(["queue", str(_write(tmp_path, GRAPH)), "--server", fake.url, "--header", "no colon here"])
+    assert rc == qc.EXIT_USAGE and "expected 'Name: value'" in capsys.readouterr().err
+    monkeypatch.delenv("TUNELAB_TEST_TOKEN")
+    rc = cli.main(["queue", str(_write(tmp_path, GRAPH)), "--server", fake.url, "--token-env", "TUNELAB_TEST_TOKEN"])
+    assert rc == qc.EXIT_USAGE and "empty or not set" in capsys.readouterr().err
+
+
+def test_client_sets_the_prompt_id(fake, tmp_path):
+    result = qc.ComfyClient(fake.url).run(GRAPH, prompt_id="my-id-1", timeout=20)
+    assert result.prompt_id == "my-id-1" and list(fake.prompts) == ["my-id-1"]
+    assert fake.submissions[0]["prompt_id"] == "my-id-1"
+
+
+def _midway(fake, action, after=5):
+    """Run `action` once the Steps node has reported `after` steps."""
+    def watch():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with fake.lock:
+                started = any(pid in fake.prompts for pid in list(fake.prompts))
+            if started and len(fake.requests) and fake.progressed >= after:
+                return action()
+            time.sleep(0.01)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def _counting(fake):
+    """Count the Steps node's progress messages on the fake (for _midway)."""
+    fake.progressed = 0
+    send = fake.send
+
+    def counted(client_id, kind, data):
+        if kind == "progress":
+            fake.progressed += 1
+        return send(client_id, kind, data)
+    fake.send = counted
+
+
+def test_dropped_websocket_reconnects_and_never_queues_twice(tmp_path):
+    fake = FakeComfy(step_seconds=0.05)
+    _counting(fake)
+    try:
+        client = qc.ComfyClient(fake.url, backoff=(0.1, 0.5))
+        notices = []
+        client.on_notice = notices.append
+        events = []
+        watcher = _midway(fake, fake.drop_sockets)
+        result = client.run(STEPS_GRAPH, out_dir=tmp_path, timeout=30, on_event=lambda k, d: events.append((k, d)))
+        watcher.join()
+        assert result.status == "success" and result.reconnects >= 1 and result.resubmitted == 0
+        assert len(fake.submissions) == 1  # the prompt stayed known to the server: no second submission
+        ws_connects = [p for _, p in fake.requests if p == "/ws"]
+        assert len(ws_connects) >= 2
+        assert any("websocket dropped" in n for n in notices) and any("reconnected" in n for n in notices)
+        late = [d["value"] for k, d in events if k == "progress" and d["node"] == "1"]
+        assert late and late[-1] == 30  # progress kept coming after the reconnection
+    finally:
+        fake.close()
+
+
+def test_restarted_server_gets_the_prompt_again_under_the_same_id(tmp_path):
+    fake = FakeComfy(step_seconds=0.05)
+    _counting(fake)
+    try:
+        client = qc.ComfyClient(fake.url, backoff=(0.1, 0.5))
+        watcher = _midway(fake, fake.restart)
+        result = client.run(STEPS_GRAPH, out_dir=tmp_path, timeout=30)
+        watcher.join()
+        assert result.status == "success" and result.resubmitted == 1
+        ids = [b["prompt_id"] for b in fake.submissions]
+        assert ids == [result.prompt_id] * 2  # once before the restart, once after: the same id
+        assert list(fake.prompts) == [result.prompt_id]  # and the restarted server holds it once
+        assert len(result.images) == 2
+    finally:
+        fake.close()
+
+
+def test_reports_are_downloaded_and_previews_only_when_asked(fake, tmp_path, capsys):
+    graph = {**GRAPH, "5": {"inputs": {}, "class_type": "Report"},
+             "6": {"inputs": {"images": ["1", 0]}, "class_type": "PreviewImage"}}
+    out = tmp_path / "o"
+    rc = cli.main(["queue", str(_write(tmp_path, graph)), "--server", fake.url, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "tunelab_00001_.png", "tunelab_00002_.png"]
+    assert (out / "report.json").read_bytes() == FakeComfy.REPORT
+    assert "2 image(s) and 1 other file(s)" in text and "2 temporary preview(s) not downloaded" in text
+    out2 = tmp_path / "o2"
+    assert cli.main(["queue", str(_write(tmp_path, graph)), "--server", fake.url, "--out", str(out2),
+                     "--previews"]) == 0
+    assert len(list(out2.iterdir())) == 5
+
+
+def test_progress_lines_every_few_percent(fake, tmp_path, capsys):
+    graph = {"1": {"inputs": {"n": 60}, "class_type": "Steps", "_meta": {"title": "Work"}}}
+    fake.step_seconds = 0.001
+    assert cli.main(["queue", str(_write(tmp_path, graph)), "--server", fake.url, "--no-download"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "node 1 (Work):" in ln]
+    assert 15 <= len(lines) <= 22, lines
+    assert lines[-1].split("] ", 1)[1].startswith("node 1 (Work): 60/60 (100%)")
+    assert any("/s" in ln and "ETA" in ln for ln in lines)
+
+
+def test_tiny_lowers_steps_and_sizes_within_widget_limits():
+    graph = {"1": {"class_type": "TuneLabCompare", "inputs": {"steps": 50, "width": 1024, "height": 1000,
+                                                               "seed": 42, "guidance": 13.0}},
+             "2": {"class_type": "TuneLabWrongImageSynthesis", "inputs": {"steps": 50, "width": 1024, "height": 32}},
+             "3": {"class_type": "TuneLabTrainLora", "inputs": {"max_train_steps": 500, "resolution": 1024}},
+             "4": {"class_type": "KSampler", "inputs": {"steps": 50}}}
+    info = {"TuneLabCompare": {"input": {"required": {"steps": ["INT", {"min": 1}], "width": ["INT", {"min": 64,
+                                                                                                     "step": 24}],
+                                                      "height": ["INT", {"min": 64, "step": 8}],
+                                                      "seed": ["INT", {}], "guidance": ["FLOAT", {}]}}},
+            "TuneLabWrongImageSynthesis": {"input": {"required": {"steps": ["INT", {"min": 1}],
+                                                                  "width": ["INT", {"min": 64, "step": 8}],
+                                                                  "height": ["INT", {"min": 8, "step": 8}]}}},
+            "TuneLabTrainLora": {"input": {"required": {"max_train_steps": ["INT", {"min": 1}],
+                                                        "resolution": ["INT", {"min": 64, "step": 8}]}}},
+            "KSampler": {"input": {"required": {"steps": ["INT", {"min": 1}]}}}}
+    out = qc.tiny_sizes(graph, info)
+    assert out["1"]["inputs"] == {"steps": 20, "width": 136, "height": 128, "seed": 42, "guidance": 13.0}
+    assert out["2"]["inputs"] == {"steps": 4, "width": 64, "height": 32}  # never raised
+    assert out["3"]["inputs"] == {"max_train_steps": 2, "resolution": 64}
+    assert out["4"]["inputs"] == {"steps": 50}  # not ours: ComfyUI's own models are not swapped either
+    assert graph["1"]["inputs"]["steps"] == 50

@@ -53,6 +53,45 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 # accelerate
 
 
+MIN_RESOLUTION = 64
+
+
+def is_tiny(model) -> bool:
+    """A built-in tiny preset, by name or as a loaded pipe."""
+    from ..core import tiny
+
+    source = getattr(model, "source", model)
+    return isinstance(source, str) and source in tiny.PRESETS
+
+
+def training_resolution(resolution: Optional[int], model, sizes, real_default: int) -> int:
+    """The resolution a trainer uses. An explicit value is kept. None means the trainer's default: `real_default`
+    on real models; on the tiny presets the dataset's smallest side (rounded down to a multiple of 8, at least 64,
+    at most `real_default`), so a dataset made on a tiny preset trains without size flags."""
+    if resolution is not None:
+        return resolution
+    if not is_tiny(model) or not sizes:
+        return real_default
+    side = min(min(w, h) for w, h in sizes)
+    return max(MIN_RESOLUTION, min(real_default, side - side % 8))
+
+
+def check_upscale(sizes_by_name, resolution: int, allow_upscale: bool, input_name: str = "dataset") -> None:
+    """The one rule of both trainers: images smaller than the training resolution are refused unless
+    `allow_upscale` is set (then they are upscaled, with a warning)."""
+    small = [(n, s) for n, s in sizes_by_name if min(s) < resolution]
+    if small and not allow_upscale:
+        shown = ", ".join(f"{n} ({w}x{h})" for n, (w, h) in small[:4]) + (", ..." if len(small) > 4 else "")
+        smallest = min(min(s) for _, s in small)
+        fit = max(MIN_RESOLUTION, smallest - smallest % 8)
+        raise TuneLabError(f"{len(small)} image(s) are smaller than the training resolution {resolution}: {shown}. "
+                           f"Upscaling blurs what the model learns; train at resolution {fit} or lower "
+                           f"(--resolution {fit}), replace the images, or allow upscaling (allow_upscale, "
+                           f"--allow-upscale)", input_name=input_name)
+    if small:
+        log.warning("TuneLab: upscaling %d image(s) smaller than %d px", len(small), resolution)
+
+
 def resolve_mixed_precision(choice: str, device, weight_dtype=None) -> str:
     """"auto" follows the weights: fp16 weights -> "fp16", bf16 -> "bf16", else "no". fp16 on a CPU is refused."""
     import torch
@@ -596,8 +635,7 @@ def preserved(*modules):
             continue
         # by parameter object, not name: peft wraps a targeted layer (to_q.weight -> to_q.base_layer.weight) and
         # the wrapper stays after its adapter is deleted
-        saved.append((m, m.training, [(p, p.requires_grad) for p in m.parameters()],
-                      bool(getattr(m, "is_gradient_checkpointing", False))))
+        saved.append((m, m.training, [(p, p.requires_grad) for p in m.parameters()], _checkpointing(m)))
     try:
         yield
     finally:
@@ -605,9 +643,17 @@ def preserved(*modules):
             m.train(training)
             for p, flag in grads:
                 p.requires_grad_(flag)
-            if bool(getattr(m, "is_gradient_checkpointing", False)) != checkpointing:
+            if _checkpointing(m) != checkpointing:
                 with contextlib.suppress(Exception):
                     (m.enable_gradient_checkpointing if checkpointing else m.disable_gradient_checkpointing)()
+
+
+def _checkpointing(module) -> bool:
+    """Whether gradient checkpointing is on: transformers 5 renamed `is_gradient_checkpointing` (now a deprecated
+    alias that warns) to `is_activation_checkpointing`; diffusers models and older transformers have the old name."""
+    name = ("is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
+    return bool(getattr(module, name, False))
 
 
 def _adapter_names(model) -> list:

@@ -5,7 +5,9 @@ It follows diffusers' `examples/instruct_pix2pix/train_instruct_pix2pix.py` (and
 
 - the model is an InstructPix2Pix pipe (fine-tuning) or an SD1.x text-to-image pipe, whose UNet `conv_in` is widened
   from 4 to 8 input channels with the new weights zero (the script's surgery);
-- both images of a pair are resized to `resolution` x `resolution` and flipped together;
+- both images of a pair are resized to `resolution` x `resolution` and flipped together; pairs smaller than the
+  resolution are refused unless `allow_upscale` (the rule of the LoRA trainer too); the default resolution is
+  256, or on the tiny presets the dataset's smallest side;
 - the edited image's latents (VAE sample x scaling factor) are noised at uniform DDPM timesteps; the original
   image's latents (`latent_dist.mode()`, unscaled, as the script) are concatenated on the channel axis;
 - conditioning dropout with probability p: text -> the empty prompt when r < 2p, image latents zeroed when
@@ -52,6 +54,7 @@ log = logging.getLogger("tunelab")
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_STEPS = 1_000_000
+DEFAULT_RESOLUTION = 256  # the seed's runs; on the tiny presets the dataset's size (common.training_resolution)
 
 
 @dataclass
@@ -64,7 +67,8 @@ class Ip2pTrainConfig:
     run_dir: Optional[str] = None  # checkpoints and loss curve; default "<output>_run"
     columns: str = "tunelab"  # column preset or mapping of the dataset
     split: Optional[str] = "train"  # train on this split when the dataset has splits; None: every row
-    resolution: int = 256
+    resolution: Optional[int] = None  # None: 256, or on the tiny presets the dataset's smallest side
+    allow_upscale: bool = False  # pairs smaller than the resolution are refused unless this is set (as train-lora)
     random_flip: bool = True
     conditioning_dropout_prob: Optional[float] = 0.05  # 0 (or None): no dropout, as the seed's commands
     learning_rate: float = 5e-5
@@ -147,10 +151,11 @@ def check_config(c: Ip2pTrainConfig) -> None:
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TuneLabError(f"'{out}' exists and is not an empty folder; choose a new output folder",
                            input_name="output")
-    _check_int(c.resolution, "resolution", 64, 4096)
-    if c.resolution % 8:
-        raise TuneLabError(f"{c.resolution} is not a multiple of 8; try {c.resolution - c.resolution % 8}",
-                           input_name="resolution")
+    if c.resolution is not None:  # None: chosen from the dataset in train() (common.training_resolution)
+        _check_int(c.resolution, "resolution", 64, 4096)
+        if c.resolution % 8:
+            raise TuneLabError(f"{c.resolution} is not a multiple of 8; try {c.resolution - c.resolution % 8}",
+                               input_name="resolution")
     if c.conditioning_dropout_prob is not None:
         _check_float(c.conditioning_dropout_prob, "conditioning_dropout_prob", 0.0, 1 / 3, lo_ok=True)
     _check_float(c.learning_rate, "learning_rate", 0.0, 10.0)
@@ -174,7 +179,7 @@ def check_config(c: Ip2pTrainConfig) -> None:
 # what a checkpoint must agree on to resume (run length and outputs may change; the LR schedule needs the length)
 _RUN_ONLY = {"data_dir", "output", "model", "dtype", "device", "run_dir", "resume", "checkpointing_steps",
              "checkpoints_total_limit", "max_nonfinite", "gradient_checkpointing", "max_train_steps",
-             "save_diffusers_copy"}
+             "save_diffusers_copy", "allow_upscale"}
 
 
 def settings_dict(c: Ip2pTrainConfig) -> dict:
@@ -228,8 +233,10 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
         pairs = [p for p in pairs if p.split == c.split]
     if not pairs:
         raise TuneLabError(f"the dataset has no '{c.split}' rows to train on", input_name="split")
-    for p in pairs:
-        p.images()  # corrupt files and mismatched pairs are named now
+    sizes = [(p.input_path.name, p.images()[0].size) for p in pairs]  # corrupt files, mismatched pairs: named now
+    c = replace(c, resolution=common.training_resolution(c.resolution, c.model, [s for _, s in sizes],
+                                                         DEFAULT_RESOLUTION))
+    common.check_upscale(sizes, c.resolution, c.allow_upscale)
     dataset_hash = _dataset_hash(pairs)
 
     # -- accelerate and the model

@@ -44,6 +44,7 @@ MAX_STEPS = 1_000_000
 MAX_BATCH = 64
 MAX_RANK = 1024
 MAX_RESOLUTION = 4096
+DEFAULT_RESOLUTION = 1024  # the script's; on the tiny presets the dataset's size (common.training_resolution)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class LoraTrainConfig:
     # data
     instance_prompt: str = "wrong"
     use_captions: bool = False  # per-image `text` from metadata.jsonl instead of the instance prompt
-    resolution: int = 1024
+    resolution: Optional[int] = None  # None: 1024, or on the tiny presets the dataset's smallest side
     center_crop: bool = False
     random_flip: bool = False
     repeats: int = 1
@@ -189,10 +190,11 @@ def check_config(c: LoraTrainConfig) -> None:
     _check_int(c.train_batch_size, "train_batch_size", 1, MAX_BATCH)
     _check_int(c.gradient_accumulation_steps, "gradient_accumulation_steps", 1, 1024)
     _check_int(c.repeats, "repeats", 1, 10_000)
-    _check_int(c.resolution, "resolution", 64, MAX_RESOLUTION)
-    if c.resolution % 8:
-        raise TuneLabError(f"{c.resolution} is not a multiple of 8 (one latent cell is 8 pixels); try "
-                           f"{c.resolution - c.resolution % 8}", input_name="resolution")
+    if c.resolution is not None:  # None: chosen from the dataset in train() (common.training_resolution)
+        _check_int(c.resolution, "resolution", 64, MAX_RESOLUTION)
+        if c.resolution % 8:
+            raise TuneLabError(f"{c.resolution} is not a multiple of 8 (one latent cell is 8 pixels); try "
+                               f"{c.resolution - c.resolution % 8}", input_name="resolution")
     _check_float(c.max_grad_norm, "max_grad_norm")
     _check_float(c.adam_epsilon, "adam_epsilon")
     for name in ("adam_weight_decay", "adam_weight_decay_text_encoder", "noise_offset"):
@@ -286,14 +288,7 @@ def prepare_examples(records, captions, *, resolution: int, center_crop: bool, r
     import torch
     from PIL import Image
 
-    small = [(r.file_name, r.size) for r in records if min(r.size) < resolution]
-    if small and not allow_upscale:
-        shown = ", ".join(f"{n} ({w}x{h})" for n, (w, h) in small[:4]) + (", ..." if len(small) > 4 else "")
-        raise TuneLabError(f"{len(small)} image(s) are smaller than the training resolution {resolution}: {shown}. "
-                           "Upscaling blurs what the LoRA learns; lower the resolution, replace the images, or "
-                           "allow upscaling", input_name=input_name)
-    if small:
-        log.warning("TuneLab: upscaling %d image(s) smaller than %d px", len(small), resolution)
+    common.check_upscale([(r.file_name, r.size) for r in records], resolution, allow_upscale, input_name)
     rng = random.Random(seed)
     out = []
     for rec, caption in zip(records, captions):
@@ -454,6 +449,10 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
 
     # -- data first: a bad dataset is refused before any model loads
     records = _load_records(c.data_dir, c.instance_prompt)
+    c = replace(c, resolution=common.training_resolution(c.resolution, c.model, [r.size for r in records],
+                                                         DEFAULT_RESOLUTION))
+    if not c.allow_upscale:  # refused before any model loads (prepare_examples warns when upscaling is allowed)
+        common.check_upscale([(r.file_name, r.size) for r in records], c.resolution, False)
     captions = [r.caption if c.use_captions else c.instance_prompt.strip() for r in records]
     tokens: list = []
     if c.pivotal_tuning:
