@@ -16,6 +16,7 @@ workflow tests start a ComfyUI server with the pack and the tiny extension and r
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,160 @@ def test_compare_native_writes_grid_panels_settings(probe):
     assert s["native"] and s["prompt_syntax"] == "comfyui" and s["lora"]["mapped_modules"] > 0
     assert [st["state"] for st in s["states"]] == ["base", "base_negative", "lora_negative", "lora_negative_only"]
     assert s["versions"]["comfyui"] == "0.8.0"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the native workflows through the queue client, on a ComfyUI server with the pack and the tiny model types
+
+
+@pytest.fixture(scope="module")
+def native_server(native_assets, tmp_path_factory):
+    import socket
+    import time
+    import urllib.request
+
+    root = _comfy_root()
+    work = tmp_path_factory.mktemp("native_server")
+    for sub in ("output", "temp", "user", "custom_nodes"):
+        (work / sub).mkdir()
+    if not (root / "custom_nodes" / "tunelab").exists():
+        (work / "custom_nodes" / "tunelab").symlink_to(PACK, target_is_directory=True)
+    (work / "custom_nodes" / "comfyui_tiny_models.py").symlink_to(HERE / "comfyui_tiny_models.py")
+    assets = native_assets["root"]
+    (work / "extra_model_paths.yaml").write_text(
+        f"tunelab_native_test:\n    base_path: {assets}\n    checkpoints: checkpoints\n    loras: loras\n"
+        f"    custom_nodes: {work / 'custom_nodes'}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log_path = work / "comfyui.log"
+    log = open(log_path, "wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNELAB_TINY_TOKENIZER": str(native_assets["tokenizer"]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [_comfy_python(root), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--disable-auto-launch", "--output-directory", str(work / "output"), "--temp-directory", str(work / "temp"),
+         "--user-directory", str(work / "user"), "--database-url", "sqlite:///:memory:",
+         "--extra-model-paths-config", str(work / "extra_model_paths.yaml")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + float(os.environ.get("TUNELAB_COMFY_START_TIMEOUT", "300"))
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not answer in time:\n{log_path.read_text(errors='replace')[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/system_stats", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        yield {"url": url, "output": work / "output", "log": log_path}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def _queue(server, workflow: Path, out: Path, sets, capsys):
+    from tunelab import cli
+
+    args = ["queue", str(workflow), "--server", server["url"], "--out", str(out), "--timeout", "600"]
+    for s in sets:
+        args += ["--set", s]
+    rc = cli.main(args)
+    captured = capsys.readouterr()
+    assert rc == 0, f"{captured.out}\n{captured.err}\n{server['log'].read_text(errors='replace')[-3000:]}"
+    return sorted(out.glob("*.png")), captured.out
+
+
+def _pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+API = PACK / "workflows" / "api"
+SMALL = ["KSampler.steps=3", "Empty latent.width=64", "Empty latent.height=64"]
+
+
+def test_weighted_prompt_native_workflow_runs(native_server, tmp_path, capsys):
+    images, out = _queue(native_server, API / "weighted_prompt_native.json", tmp_path / "out",
+                         ["Load SDXL base.ckpt_name=tiny-sdxl.safetensors", *SMALL], capsys)
+    assert "success" in out
+    assert len(images) == 1 and _pixels(images[0]).shape == (64, 64, 3)
+
+
+def test_three_way_comparison_native_workflow_runs_and_matches_native_nodes(native_server, tmp_path, capsys):
+    """Through the queue in a real server: the workflow runs; and with a Save Image on its `panels` output beside
+    the same four states wired from ComfyUI's own nodes (LoraLoader, CLIPTextEncode, KSampler, VAE Decode, Create
+    Hook LoRA, Cond Set Props) in one graph, both give the same pixels (both quantized by Save Image)."""
+    import numpy as np
+
+    node = "Three-way comparison (native)"
+    sets = ["Load SDXL base.ckpt_name=tiny-sdxl.safetensors", f"{node}.lora_name={LORA}", f"{node}.steps=3",
+            f"{node}.width=64", f"{node}.height=64", f"{node}.prompt_syntax=comfyui", f"{node}.seed=9",
+            f"{node}.lora_negative_only=true"]
+    images, out = _queue(native_server, API / "three_way_comparison_native.json", tmp_path / "out", sets, capsys)
+    assert "success" in out
+    panels = sorted(p for p in images if re.fullmatch(r"0\d\.png", p.name))
+    assert [p.name for p in images if p.name == "grid.png"] and len(panels) == 4, [p.name for p in images]
+
+    graph = json.loads((API / "three_way_comparison_native.json").read_text())
+    (cmp_id,) = [k for k, v in graph.items() if v["class_type"] == "TuneLabCompareNative"]
+    graph["90"] = {"class_type": "SaveImage", "inputs": {"images": [cmp_id, 1], "filename_prefix": "tunelab_panels"}}
+    graph.update(_native_graph(seed=9, steps=3))
+    (tmp_path / "both.json").write_text(json.dumps(graph))
+    saved, _ = _queue(native_server, tmp_path / "both.json", tmp_path / "both", sets, capsys)
+    ours = sorted(p for p in saved if p.name.startswith("tunelab_panels_"))
+    theirs = {p.name.split("_native_")[0]: p for p in saved if "_native_" in p.name}
+    assert len(ours) == 4 and set(theirs) == {"base", "negative", "lora", "hooks"}, [p.name for p in saved]
+    for panel, state in zip(ours, ("base", "negative", "lora", "hooks")):
+        assert np.array_equal(_pixels(panel), _pixels(theirs[state])), (panel.name, state)
+    assert not np.array_equal(_pixels(ours[3]), _pixels(ours[1]))
+    assert not np.array_equal(_pixels(ours[3]), _pixels(ours[2]))
+
+
+LORA = "tiny_wrong_te.safetensors"
+PROMPT = ("hyperrealistic death metal album cover featuring edgy moody realistic (human Super Mario)++, "
+          "edgy and moody")
+
+
+def _native_graph(*, seed, steps):
+    """API graph: the four states wired from ComfyUI's own nodes, each saved as <state>_native."""
+    g = {"101": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sdxl.safetensors"}},
+         "102": {"class_type": "LoraLoader", "inputs": {"model": ["101", 0], "clip": ["101", 1], "lora_name": LORA,
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+         "103": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+         "104": {"class_type": "CreateHookLora", "inputs": {"lora_name": LORA, "strength_model": 1.0,
+                                                             "strength_clip": 1.0}}}
+
+    def text(nid, clip, t):
+        g[nid] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": t}}
+        return [nid, 0]
+
+    base_pos, base_empty = text("110", ["101", 1], PROMPT), text("111", ["101", 1], "")
+    base_neg = text("112", ["101", 1], "wrong")
+    lora_pos, lora_neg = text("113", ["102", 1], PROMPT), text("114", ["102", 1], "wrong")
+    g["115"] = {"class_type": "ConditioningSetProperties", "inputs": {"cond_NEW": base_neg, "strength": 1.0,
+                                                                      "set_cond_area": "default", "hooks": ["104", 0]}}
+    for i, (name, model, pos, neg) in enumerate([("base", ["101", 0], base_pos, base_empty),
+                                                 ("negative", ["101", 0], base_pos, base_neg),
+                                                 ("lora", ["102", 0], lora_pos, lora_neg),
+                                                 ("hooks", ["101", 0], base_pos, ["115", 0])]):
+        k, d, s = f"12{i}", f"13{i}", f"14{i}"
+        g[k] = {"class_type": "KSampler", "inputs": {"model": model, "seed": seed, "steps": steps, "cfg": 13.0,
+                                                      "sampler_name": "euler", "scheduler": "normal",
+                                                      "positive": pos, "negative": neg, "latent_image": ["103", 0],
+                                                      "denoise": 1.0}}
+        g[d] = {"class_type": "VAEDecode", "inputs": {"samples": [k, 0], "vae": ["101", 2]}}
+        g[s] = {"class_type": "SaveImage", "inputs": {"images": [d, 0], "filename_prefix": f"{name}_native"}}
+    return g
