@@ -477,15 +477,21 @@ def native_conditioning(family, clip, embeds, pooled, *, sizes=None, aesthetic_s
 
 
 def clip_encode_pair(clip, positive, negative, *, pooled_from="raw", sizes=None, aesthetic_scores=(6.0, 2.5),
-                split=None, names=None):
+                     text_l=None, names_l=("positive", "negative"), names_g=("positive", "negative")):
     """(positive CONDITIONING, negative CONDITIONING) with compel's math on a native CLIP; both padded to one
-    length as compel pads a pair."""
+    length as compel pads a pair. `text_l`: SDXL only, (positive, negative) for CLIP-L when it reads other text
+    than CLIP-G (CLIPTextEncodeSDXL's text_l); `names_*`: the input names syntax errors point at."""
     from .core import prompt
     from .core.errors import TuneLabError
 
     family, encoders = clip_text_encoders(clip)
-    if split and family != "sdxl":
-        raise TuneLabError(f"text_g/text_l is SDXL's pair of encoders; this CLIP is {family}", input_name="clip")
+    split = names = None
+    if text_l is not None:
+        if family != "sdxl":
+            raise TuneLabError(f"text_g/text_l is SDXL's pair of encoders; this CLIP is {family}",
+                               input_name="clip")
+        key_l, key_g = encoders.order  # CLIP-L first, as SDXL concatenates them
+        split, names = {key_l: tuple(text_l)}, {key_l: names_l, key_g: names_g}
     embeds, neg_embeds, pooled, neg_pooled = prompt.encode_with(encoders, positive, negative, pooled_from=pooled_from,
                                                                 split=split, names=names)
     return (native_conditioning(family, clip, embeds, pooled, sizes=sizes, aesthetic_score=aesthetic_scores[0]),

@@ -377,6 +377,10 @@ def encode_with(encoders: TextEncoders, positive: str, negative: str = "", *, po
     if pooled_from not in POOLED_FROM:
         raise TuneLabError(f"unknown value '{pooled_from}'; choose raw or clean", input_name="pooled_from")
     texts = {k: (positive, negative) for k in encoders.order}
+    unknown = set(split or {}) - set(encoders.order)
+    if unknown:
+        raise TuneLabError(f"no text encoder {sorted(unknown)} here; this model has {list(encoders.order)}",
+                           input_name="prompt")
     texts.update(split or {})
     conjs = {}
     for key in encoders.order:

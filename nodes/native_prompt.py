@@ -115,11 +115,10 @@ class WeightedPromptSDXLCLIP:
                  "target_height": target_height}
         pos_l = positive_l if (positive_l or "").strip() else positive_g
         neg_l = negative_l if (negative_l or "").strip() else negative_g
-        names = {"g": ("positive_g", "negative_g"),
-                 "l": ("positive_l" if (positive_l or "").strip() else "positive_g",
-                       "negative_l" if (negative_l or "").strip() else "negative_g")}
+        names_l = ("positive_l" if (positive_l or "").strip() else "positive_g",
+                   "negative_l" if (negative_l or "").strip() else "negative_g")
         return host.clip_encode_pair(clip, positive_g, negative_g, pooled_from=pooled_from, sizes=sizes,
-                           split={"l": (pos_l, neg_l)}, names=names)
+                                     text_l=(pos_l, neg_l), names_l=names_l, names_g=("positive_g", "negative_g"))
 
 
 NODES = {
