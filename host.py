@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -301,6 +302,9 @@ def _widths(clip, keys) -> dict:
     return {k: int(getattr(getattr(tok, f"clip_{k}", None) or getattr(tok, tok.clip), "embedding_size")) for k in keys}
 
 
+_SPECIALS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class _ClipVocabularies:
     """`weighting.Vocabulary` per token key, tokenizing with `clip.tokenize` (weights off, as plain text)."""
 
@@ -308,12 +312,15 @@ class _ClipVocabularies:
         from .core import weighting
 
         self.clip, self.keys, self.memo = clip, keys, {}
-        empty = clip.tokenize("", return_word_ids=True)
+        specials = _SPECIALS.get(clip.tokenizer)
+        if specials is None:  # BOS, EOS and pad as ComfyUI's tokenizer lays out "" (cached per tokenizer)
+            empty = clip.tokenize("", return_word_ids=True)
+            specials = _SPECIALS[clip.tokenizer] = {k: tuple(int(t[0]) for t in empty[k][0][:3]) for k in empty}
         self.vocabularies = {}
         for k in keys:
-            first = empty[k][0]
+            bos, eos, pad = specials[k]
             self.vocabularies[k] = weighting.Vocabulary(
-                bos=int(first[0][0]), eos=int(first[1][0]), pad=int(first[2][0]),
+                bos=bos, eos=eos, pad=pad,
                 tokenize=lambda texts, k=k: [self._ids(t)[k] for t in texts], token_strings=self._strings)
 
     def _ids(self, text: str) -> dict:

@@ -159,3 +159,24 @@ def test_native_services_need_comfyui_outside_it():
     assert "normal" in host.scheduler_names()
     with pytest.raises(TuneLabError, match="needs ComfyUI"):
         host.clip_family(object())
+
+
+def test_plain_text_skips_the_grammar_with_compel_s_own_result():
+    """core/prompt._parse reads text without syntax characters without pyparsing; compel's parser agrees."""
+    import random
+
+    from compel.prompt_parser import PromptParser
+
+    parser = PromptParser()
+    alphabet = list("abcxyz0123456789") + [" "] * 6 + list(",,..!?;:'\n\t#%*/|_~[]{}<>@&$^`") + ["ü", "日", "🙂"]
+    words = ["blend", "and", "swap", "withLora", "attend", "x.blend", ".and", "e.g.", "1.5", ".5", ",,", " ,", "AND"]
+    rng = random.Random(0)
+    texts = ["a photo of a cat", "blurry, low quality", "a,b,,c", "  spaced   out  ", "end.", "10:30, 16:9"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(150)]
+    texts += [" ".join(rng.choice(words + ["cat"]) for _ in range(rng.randint(1, 12))) for _ in range(50)]
+    for text in texts:
+        if not text.strip():
+            continue
+        assert not tl_prompt._SYNTAX_CHARS.intersection(text)
+        assert repr(tl_prompt._parse(text)) == repr(parser.parse_conjunction(text)), repr(text)
+    assert repr(tl_prompt._parse("a (cat)+ x")) == repr(parser.parse_conjunction("a (cat)+ x"))  # grammar path
