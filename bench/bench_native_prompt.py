@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 PACK = Path(__file__).resolve().parent.parent
+SUPPORT = None  # tests/comfyui_bench_support.py, imported once ComfyUI's environment is known
 PAIRS = [
     ("a photo of a cat sitting on a windowsill in the morning light", "blurry, low quality"),
     ("a landscape of San Francisco by Salvador Dali, oil on canvas", "wrong"),
@@ -34,18 +35,16 @@ PAIRS = [
 ]
 
 
-def _in_comfyui(args) -> bool:
-    try:
-        import comfy  # noqa: F401
-        return True
-    except ImportError:
-        if not args.comfyui:
-            sys.exit("this benchmark needs ComfyUI: run it with ComfyUI's python or pass --comfyui PATH")
-        root = Path(args.comfyui).expanduser().resolve()
-        python = root / ".venv" / "bin" / "python"
-        cmd = [str(python if python.is_file() else sys.executable), str(Path(__file__).resolve()), *sys.argv[1:]]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        sys.exit(subprocess.call(cmd, cwd=root, env=env))
+def _in_comfyui(args) -> None:
+    if importlib.util.find_spec("comfy") is not None:
+        return
+    if not args.comfyui:
+        sys.exit("this benchmark needs ComfyUI: run it with ComfyUI's python or pass --comfyui PATH")
+    root = Path(args.comfyui).expanduser().resolve()
+    python = root / ".venv" / "bin" / "python"
+    cmd = [str(python if python.is_file() else sys.executable), str(Path(__file__).resolve()), *sys.argv[1:]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    sys.exit(subprocess.call(cmd, cwd=root, env=env))
 
 
 def _load_pack():
@@ -57,32 +56,15 @@ def _load_pack():
     return module
 
 
-def _tiny_sdxl_clip(tmp: Path, cuda: bool):
+def _tiny_sdxl_clip(tmp: Path):
     """A native CLIP (ComfyUI's SDXL CLIP classes) holding tiny-sdxl's text encoders."""
-    import torch
     from diffusers import StableDiffusionXLPipeline
 
     from tunelab.core import tiny
 
     tiny.write_tokenizer_files(tmp / "tokenizer")
-    os.environ["TUNELAB_TINY_TOKENIZER"] = str(tmp / "tokenizer")
-    sys.path.insert(0, str(PACK / "tests"))
-    import comfyui_tiny_models as tm
-    import comfy.sd
-    import comfy.supported_models_base
-
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny.ensure("tiny-sdxl")), local_files_only=True)
-    sd = {}
-    for key, te in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
-        for k, v in te.state_dict().items():
-            if k.endswith("position_ids"):
-                continue
-            if k.endswith("token_embedding.weight"):
-                v = torch.cat([v, torch.zeros(49408 - v.shape[0], v.shape[1])])
-            name = k if k.startswith(("text_model.", "text_projection")) else "text_model." + k
-            sd[f"{key}.transformer.{name}"] = v.half()
-    target = comfy.supported_models_base.ClipTarget(tm.TinySDXLTokenizer, tm.TinySDXLClipModel)
-    return comfy.sd.CLIP(target, state_dict=sd)
+    return SUPPORT.tiny_sdxl_clip(tmp / "tokenizer", pipe)
 
 
 def main(argv=None) -> int:
@@ -93,22 +75,21 @@ def main(argv=None) -> int:
     parser.add_argument("--cuda", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
     args = parser.parse_args(argv)
     _in_comfyui(args)
-    sys.argv = [sys.argv[0]] + ([] if args.cuda else ["--cpu"])
-    import comfy.options
+    global SUPPORT
+    sys.path.insert(0, str(PACK / "tests"))
+    import comfyui_bench_support as SUPPORT
 
-    comfy.options.enable_args_parsing()
+    SUPPORT.start(cpu=not args.cuda)
     import torch
 
     torch.set_num_threads(args.threads)
     _load_pack()
-    import nodes as comfy_nodes
-
     from tunelab.core import prompt as tl_prompt
     from tunelab.nodes.native_prompt import WeightedPromptCLIP
 
     with tempfile.TemporaryDirectory() as tmp:
-        clip = _tiny_sdxl_clip(Path(tmp), args.cuda)
-    ours, native = WeightedPromptCLIP(), comfy_nodes.CLIPTextEncode()
+        clip = _tiny_sdxl_clip(Path(tmp))
+    ours, native = WeightedPromptCLIP(), SUPPORT.clip_text_encode()
 
     def tunelab_cold(p, n):
         tl_prompt._parse.cache_clear()

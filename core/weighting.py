@@ -230,7 +230,7 @@ def _plan_flat(vocab: Vocabulary, table: _Table, prompt) -> _Flat:
     for c in range(n):
         w = tuple(per_token[c * CHUNK:(c + 1) * CHUNK])
         chunks.append((table.add(Window(tuple(ids[c * CHUNK:(c + 1) * CHUNK]), ones)),
-                       None if all(x == 1 for x in w) else w))
+                       None if w.count(1.0) == CHUNK else w))
     withouts = []
     ranges = _fragment_ranges(vocab, ids, fragments) if any(w < 1 for w in weights) else []
     for index, rng in enumerate(ranges):
@@ -300,11 +300,13 @@ class _Assembler:
                 identity = weights == 1
                 z = torch.where(identity, z, self.empty + (z - self.empty) * weights)
             out.append(z)
-        return torch.cat(out, dim=1)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def flat(self, plan: _Flat):
         torch = self._torch
         base = self.weighted(plan.chunks, [i for i, _ in plan.chunks])
+        if not plan.withouts:  # compel multiplies by a normalized weight of exactly 1 here: the same values
+            return base
         embeddings = base.unsqueeze(0)
         lerp = [1.0]
         for t, windows in plan.withouts:

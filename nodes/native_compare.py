@@ -33,9 +33,9 @@ class CompareNative:
             "model": ("MODEL", {"tooltip": "The base MODEL (e.g. from Load Checkpoint); never changed."}),
             "clip": ("CLIP", {"tooltip": "The base CLIP; never changed. LoRA states patch a clone."}),
             "vae": ("VAE", {"tooltip": "The VAE that decodes every panel."}),
-            "lora_name": (host.filename_list("loras"), {"tooltip":
+            "lora_name": (["none"] + host.filename_list("loras"), {"tooltip":
                           "The LoRA (a .safetensors file in models/loras) for the LoRA states, e.g. the wrong "
-                          "LoRA."}),
+                          "LoRA; 'none' runs only the states without a LoRA."}),
             "prompt": ("STRING", {"default": compare.DEFAULT_PROMPT, "multiline": True,
                                   "tooltip": "Shared positive prompt (syntax: see prompt_syntax)."}),
             "negative": ("STRING", {"default": compare.DEFAULT_NEGATIVE, "multiline": True, "tooltip":
@@ -82,7 +82,8 @@ class CompareNative:
         chosen = native_compare.states([k for k, on in flags.items() if on], negative)
         settings = native_compare.Settings(
             prompt=prompt, seed=int(seed), steps=int(steps), cfg=float(cfg), sampler_name=sampler_name,
-            scheduler=scheduler, width=int(width), height=int(height), syntax=prompt_syntax, lora_name=lora_name,
+            scheduler=scheduler, width=int(width), height=int(height), syntax=prompt_syntax,
+            lora_name=None if lora_name in (None, "", "none") else lora_name,
             strength_model=float(lora_strength), strength_clip=float(lora_clip_strength),
             refiner_switch=float(refiner_switch))
         refiner = None if refiner_model is None and refiner_clip is None else (refiner_model, refiner_clip)
