@@ -56,7 +56,7 @@ def states(chosen: Sequence[str], negative: str = compare.DEFAULT_NEGATIVE) -> l
 class Settings:
     prompt: str
     seed: int
-    steps: int = 30
+    steps: int = 50
     cfg: float = 13.0
     sampler_name: str = "euler"
     scheduler: str = "normal"

@@ -41,7 +41,8 @@ class CompareNative:
             "negative": ("STRING", {"default": compare.DEFAULT_NEGATIVE, "multiline": True, "tooltip":
                          "Negative prompt of every state but 'base' (which uses \"\")."}),
             "seed": seed_input("One seed for every panel, re-used for the refiner stage."),
-            "steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "Denoising steps (KSampler)."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip":
+                      "Denoising steps (KSampler); 50 is the notebooks' (diffusers' default)."}),
             "cfg": ("FLOAT", {"default": 13.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Classifier-free guidance (13 in the wrong-LoRA notebooks)."}),
             "sampler_name": (samplers, {"default": "euler", "tooltip": "KSampler's sampler."}),
