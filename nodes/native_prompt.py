@@ -8,7 +8,7 @@ from .common import category
 from .prompt import EXAMPLE_PROMPT, SYNTAX_HELP
 
 EXACTNESS = ("The result equals compel's embeddings and pooled vector for the same text-encoder weights (measured "
-             "within 1e-5 on SDXL, the refiner and SD1.x, every syntax form, prompts of 1-3 chunks). Encoding runs "
+             "within 2e-6 on SDXL, the refiner and SD1.x, every syntax form, prompts of 1-4 chunks). Encoding runs "
              "through the CLIP's own tokenize/encode_from_tokens as CLIPTextEncode does, so LoRAs on the CLIP, "
              "CLIPSetLastLayer and ComfyUI's offloading apply; weights below 1 re-encode with the fragment masked "
              "out of attention, which ComfyUI's encode_from_tokens cannot express, so those windows run the same "
