@@ -1,8 +1,12 @@
 """Weighted prompts in compel syntax -> `Conditioning` (the TUNELAB_COND value).
 
 `encode` is the one encoding function: the nodes, the CLI, the synthesis jobs and the trainers all call it, so a prompt
-means the same thing everywhere. The weighting itself is compel's own (CompelForSDXL for SDXL base, a single-encoder
-Compel on TE2 for the refiner, CompelForSD for SD1.x/SD2.x/InstructPix2Pix); this module adds what compel leaves out:
+means the same thing everywhere. Prompts are parsed by compel's own parser and weighted with compel's math
+(`core/weighting.py`, one function over an "encode these token windows" callback), so the result equals compel's
+(CompelForSDXL for SDXL base, a single-encoder Compel on TE2 for the refiner, CompelForSD for SD1.x/SD2.x/
+InstructPix2Pix). `encode_with` runs the same math on any text encoders: `_encoders_for` wraps a diffusers pipe's,
+and host.py wraps a native ComfyUI CLIP the same way (TuneLab Weighted Prompt (CLIP)). This module adds what compel
+leaves out:
 
 - a syntax check with positions, because compel's parser is lenient: an unclosed `(`, a dangling `++`, `(x)1.3.5`
   or text after `.and()` are silently read as literal text or dropped (`.blend()` with no weights is compel's
@@ -11,7 +15,7 @@ Compel on TE2 for the refiner, CompelForSD for SD1.x/SD2.x/InstructPix2Pix); thi
 - batch copies made along dim 0 (compel's own batching trips over `num_images_per_prompt`, compel#37);
 - `.and()` with weights on the pooled (SDXL) encoders, where compel crashes (compel#78), computed from compel's
   own parts with the same math;
-- the Compel objects cached per pipe and per text-encoder state (LoRA stack, device, dtype).
+- the empty-prompt encodings compel's math needs cached per pipe and text-encoder state (LoRA stack, device, dtype).
 
 Pooled embeddings (SDXL): `pooled_from="raw"` is compel's behaviour, the pooled vector of TE2 run on the raw prompt
 string *including* its syntax characters (compel#96); `"clean"` runs TE2 on the prompt with the syntax stripped
@@ -24,7 +28,8 @@ import functools
 import re
 import threading
 import weakref
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
 
 from . import lora
 from .conditioning import Conditioning
@@ -68,12 +73,28 @@ _PARSER = None
 _PARSER_LOCK = threading.Lock()
 
 
+# Characters that can start compel syntax (weights, groups, quotes, escapes, operator arguments). A prompt without
+# any is one weight-1 fragment to compel's grammar: its words joined by single spaces, after compel's own
+# comma-spacing rewrite. tests/test_native_weighting.py checks this against compel's parser.
+_SYNTAX_CHARS = frozenset('()"+-=\\')
+
+
+def _plain_conjunction(text: str):
+    from compel.prompt_parser import Conjunction, FlattenedPrompt, Fragment
+
+    return Conjunction(prompts=[FlattenedPrompt([Fragment(" ".join(re.sub(r",(\S)", r", \1", text).split()), 1.0)])],
+                       weights=[1.0])
+
+
 @functools.lru_cache(maxsize=512)
 def _parse(text: str):
-    """compel's own parser, one grammar kept for the process (compel builds a fresh one per call, ~2 ms)."""
+    """compel's own parser, one grammar kept for the process (compel builds a fresh one per call, ~2 ms). Text
+    without syntax characters skips the grammar (pyparsing takes ~1 ms per word there) for the same result."""
     global _PARSER
     from compel.prompt_parser import PromptParser
 
+    if text.strip() and not _SYNTAX_CHARS.intersection(text):
+        return _plain_conjunction(text)
     with _PARSER_LOCK:
         if _PARSER is None:
             _PARSER = PromptParser()
@@ -334,101 +355,167 @@ def clean_text(prompt: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# compel objects per pipe
+# encoding: compel's math (core/weighting.py) over any text encoders
 
 
-class _Encoder:
-    """compel objects for one pipe in one text-encoder state.
+@dataclass(frozen=True)
+class TextEncoders:
+    """What compel's math needs from a model's text encoders.
 
-    compel caches the empty-prompt embedding used by its weighting math, so a cached object must not outlive the
-    LoRA stack, device or dtype it was built under; `_encoder_for` keys on all three.
+    `vocabularies`: key -> `weighting.Vocabulary`; `encode`: the `weighting.Encode` callback; `order`: the keys in
+    the order their embeddings are concatenated (SDXL: CLIP-L then CLIP-G, as compel and ComfyUI do);
+    `pooled_key`: the encoder whose pooled vector conditions the model (SDXL / refiner: CLIP-G), or None.
     """
 
-    def __init__(self, pipe, family: str):
-        from compel import Compel, CompelForSD, CompelForSDXL, ReturnedEmbeddingsType
-
-        self.family = family
-        if family == "sdxl":
-            self.compel = CompelForSDXL(pipe)
-            inner = [self.compel.compel_1, self.compel.compel_2]
-            self.pooled_provider = self.compel.compel_2.conditioning_provider
-        elif family == "sdxl-refiner":
-            penultimate = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
-            self.compel = Compel(tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2,
-                                 returned_embeddings_type=penultimate, requires_pooled=True,
-                                 truncate_long_prompts=False)
-            inner = [self.compel]
-            self.pooled_provider = self.compel.conditioning_provider
-        elif family in ("sd15", "sd2", "ip2p"):
-            self.compel = CompelForSD(pipe)
-            inner = [self.compel.compel]
-            self.pooled_provider = None
-        else:
-            raise TuneLabError(f"prompt encoding does not support the '{family}' family", input_name="pipe")
-        # the components, not the pipe: a value that referenced its WeakKeyDictionary key would keep it alive
-        self.te2_parts = (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))
-        self.te2_plain = None
-        for c in inner:
-            _share_parse(c)
-
-    def __call__(self, prompt: str, negative: str, weighted_and: bool = False):
-        """(embeds, negative_embeds, pooled, negative_pooled), each with batch 1, embeds padded to equal length."""
-        if weighted_and and self.pooled_provider is not None:
-            return self._weighted_and(prompt, negative)
-        if self.family == "sdxl-refiner":
-            embeds, pooled = self.compel([prompt, negative])  # compel pads the pair to the same length
-            return embeds[0:1], embeds[1:2], pooled[0:1], pooled[1:2]
-        out = self.compel(prompt, negative_prompt=negative)
-        return out.embeds, out.negative_embeds, out.pooled_embeds, out.negative_pooled_embeds
-
-    def _weighted_and(self, prompt: str, negative: str):
-        """`.and()` with weights on a pooled encoder: compel crashes there (compel#78: it weights against its own
-        (embeds, pooled) tuple). Same math from compel's parts: TE2 embeds from a Compel without pooled output,
-        pooled from the raw text as compel would, then composed like CompelForSDXL does."""
-        import torch
-        from compel import Compel, ReturnedEmbeddingsType
-
-        if self.te2_plain is None:
-            self.te2_plain = _share_parse(Compel(
-                tokenizer=self.te2_parts[0], text_encoder=self.te2_parts[1],
-                returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-                truncate_long_prompts=False))
-        texts = [prompt, negative]
-        embeds = self.te2_plain(texts)
-        if self.family == "sdxl":
-            left = self.compel.compel_1(texts)
-            embeds = torch.cat(_pad_to_same_length([left, embeds], [self.compel.compel_1, self.te2_plain]), dim=-1)
-        pooled = torch.cat([self.pooled_provider.get_pooled_embeddings([t]) for t in texts])
-        return embeds[0:1], embeds[1:2], pooled[0:1], pooled[1:2]
-
-    def clean_pooled(self, conj):
-        pooled = None
-        for text, weight in _clean_parts(conj):
-            p = self.pooled_provider.get_pooled_embeddings([text])
-            p = p if weight == 1.0 else p * weight
-            pooled = p if pooled is None else pooled + p
-        return pooled
+    vocabularies: Mapping[str, Any]
+    encode: Callable
+    order: tuple
+    pooled_key: Optional[str] = None
 
 
-def _share_parse(compel_obj):
-    # compel parses every prompt once per encoder with a freshly built grammar (~20 ms for the seed's example on a
-    # CPU); `check` has already parsed it with compel's own parser, so the instances reuse that result.
-    compel_obj.parse_prompt_string = _parse
-    return compel_obj
+def _pooled_parts(text: str, conj, pooled_from: str) -> list[tuple[str, float]]:
+    return [(text, 1.0)] if pooled_from == "raw" else _clean_parts(conj)
 
 
-def _pad_to_same_length(embeds: list, compels: list) -> list:
-    """Pad token counts with each encoder's "" chunks, as CompelForSDXL does before concatenating TE1 and TE2."""
+def encode_with(encoders: TextEncoders, positive: str, negative: str = "", *, pooled_from: str = "raw",
+                split: Optional[Mapping[str, tuple]] = None, names: Optional[Mapping[str, tuple]] = None):
+    """Encode a positive/negative pair with compel's math on `encoders`.
+
+    `split`: key -> (positive, negative) for encoders that read other text than `positive`/`negative` (SDXL's
+    text_l, compel's main prompt beside its style prompt); the pooled encoder always reads `positive`/`negative`.
+    `names`: key -> (positive input name, negative input name) for the syntax errors of split texts.
+    Returns (embeds, negative_embeds, pooled, negative_pooled) with batch 1; pooled are None without a pooled key.
+    """
     import torch
 
-    longest = max(e.shape[1] for e in embeds)
-    out = []
-    for e, c in zip(embeds, compels):
-        if e.shape[1] < longest:
-            pad = c([""])
-            e = torch.cat([e, pad.repeat(e.shape[0], (longest - e.shape[1]) // pad.shape[1], 1)], dim=1)
-        out.append(e)
-    return out
+    from . import weighting
+
+    if pooled_from not in POOLED_FROM:
+        raise TuneLabError(f"unknown value '{pooled_from}'; choose raw or clean", input_name="pooled_from")
+    texts = {k: (positive, negative) for k in encoders.order}
+    unknown = set(split or {}) - set(encoders.order)
+    if unknown:
+        raise TuneLabError(f"no text encoder {sorted(unknown)} here; this model has {list(encoders.order)}",
+                           input_name="prompt")
+    texts.update(split or {})
+    conjs = {}
+    for key in encoders.order:
+        pos_name, neg_name = (names or {}).get(key, ("positive", "negative"))
+        pos, neg = texts[key]
+        conjs[key] = (check(pos, input_name=pos_name, required=True), check(neg, input_name=neg_name, required=False))
+
+    pooled_parts = []
+    if encoders.pooled_key is not None:
+        pk = encoders.pooled_key
+        pooled_parts = [_pooled_parts(positive, conjs[pk][0], pooled_from),
+                        _pooled_parts(negative, conjs[pk][1], pooled_from)]
+        vocab = encoders.vocabularies[pk]
+        windows = [weighting.pooled_window(vocab, t) for parts in pooled_parts for t, _ in parts]
+        pooled_request = {pk: windows}
+    else:
+        pooled_request = {}
+    with torch.no_grad():
+        out, pooled_out = weighting.encode_conjunctions({k: list(conjs[k]) for k in encoders.order},
+                                                        encoders.vocabularies, encoders.encode,
+                                                        pooled=pooled_request)
+    embeds = [torch.cat([out[k][i] for k in encoders.order], dim=-1) for i in (0, 1)]
+    pooled = [None, None]
+    if pooled_parts:
+        vectors = pooled_out[encoders.pooled_key]
+        row = 0
+        for i, parts in enumerate(pooled_parts):
+            total = None
+            for _, weight in parts:
+                p = vectors[row:row + 1]
+                row += 1
+                p = p if weight == 1.0 else p * weight
+                total = p if total is None else total + p
+            pooled[i] = total
+    return embeds[0], embeds[1], pooled[0], pooled[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the diffusers text encoders as a callback
+
+_PENULTIMATE_FAMILIES = ("sdxl", "sdxl-refiner")  # compel's PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED; else last
+
+
+def vocabulary(tokenizer):
+    """A `weighting.Vocabulary` for a transformers CLIP tokenizer, tokenizing as compel's `get_token_ids` does."""
+    from . import weighting
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def tokenize(texts):
+        out = []
+        for ids in tokenizer(list(texts), truncation=False, padding="do_not_pad", return_tensors=None)["input_ids"]:
+            if ids and ids[0] == bos:
+                ids = ids[1:]
+            if ids and ids[-1] == eos:
+                ids = ids[:-1]
+            out.append(ids)
+        return out
+
+    return weighting.Vocabulary(bos=bos, eos=eos, pad=tokenizer.pad_token_id, tokenize=tokenize,
+                                token_strings=lambda ids: tokenizer.convert_ids_to_tokens(list(ids)))
+
+
+class _DiffusersEncode:
+    """The callback for one pipe in one text-encoder state: each window through its encoder alone, with the
+    attention mask compel passes (so the result is compel's to the bit). The two empty windows compel caches are
+    cached here too, per state (`_encoders_for`)."""
+
+    def __init__(self, components: Mapping[str, tuple], vocabularies: Mapping[str, Any], penultimate: bool):
+        from . import weighting
+
+        self.components = components  # key -> (tokenizer, text encoder)
+        self.penultimate = penultimate
+        self.cache: dict = {}
+        self.cacheable = {(k, weighting.empty_window(v, masked=m)) for k, v in vocabularies.items()
+                          for m in (False, True)}
+
+    def _z(self, te, window):
+        import torch
+
+        ids = torch.tensor([window.ids], dtype=torch.long, device=te.device)
+        mask = None if window.mask is None else torch.tensor([window.mask], dtype=torch.long, device=te.device)
+        out = te(ids, mask, output_hidden_states=self.penultimate, return_dict=True)
+        return out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+
+    def __call__(self, requests, pooled):
+        import torch
+
+        z = {}
+        for key, windows in requests.items():
+            te = self.components[key][1]
+            rows = []
+            for w in windows:
+                row = self.cache.get((key, w))
+                if row is None:
+                    row = self._z(te, w)
+                    if (key, w) in self.cacheable:
+                        self.cache[(key, w)] = row
+                rows.append(row)
+            z[key] = torch.cat(rows)
+        vectors = {}
+        for key, windows in pooled.items():
+            te = self.components[key][1]
+            rows = []
+            for w in windows:  # one text per call, as compel's get_pooled_embeddings([text])
+                out = te(torch.tensor([w.ids], dtype=torch.long, device=te.device), None, return_dict=True)
+                rows.append(out.pooler_output if hasattr(out, "pooler_output") else out.text_embeds)
+            vectors[key] = torch.cat(rows)
+        return z, vectors
+
+
+def _components(pipe, family: str) -> dict:
+    if family == "sdxl":
+        return {"te1": (pipe.tokenizer, pipe.text_encoder), "te2": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    if family == "sdxl-refiner":
+        return {"te2": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    if family in ("sd15", "sd2", "ip2p"):
+        return {"te1": (pipe.tokenizer, pipe.text_encoder)}
+    raise TuneLabError(f"prompt encoding does not support the '{family}' family", input_name="pipe")
 
 
 _ENCODERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -436,9 +523,12 @@ _ENCODERS_LOCK = threading.Lock()
 _STATES_PER_PIPE = 8  # base and LoRA branches of one graph alternate; keep a few states warm
 
 
-def _encoder_for(handle) -> _Encoder:
+def _encoders_for(handle) -> TextEncoders:
+    """The pipe's text encoders as `TextEncoders`. The cached empty-window encodings must not outlive the LoRA
+    stack, device or dtype they were made under, so the cache is keyed on all three."""
     pipe = handle.pipe
-    te = pipe.text_encoder_2 if handle.family in ("sdxl", "sdxl-refiner") else pipe.text_encoder
+    components = _components(pipe, handle.family)
+    te = components.get("te2", components.get("te1"))[1]
     state = (tuple((r.adapter, float(r.weight), r.sha256) for r in handle.loras), str(te.device), str(te.dtype))
     with _ENCODERS_LOCK:
         per_pipe = _ENCODERS.setdefault(pipe, {})
@@ -446,7 +536,11 @@ def _encoder_for(handle) -> _Encoder:
         if enc is None:
             if len(per_pipe) >= _STATES_PER_PIPE:
                 per_pipe.pop(next(iter(per_pipe)))
-            enc = per_pipe[state] = _Encoder(pipe, handle.family)
+            # the components, not the pipe: a value that referenced its WeakKeyDictionary key would keep it alive
+            vocabularies = {k: vocabulary(tok) for k, (tok, _) in components.items()}
+            callback = _DiffusersEncode(components, vocabularies, handle.family in _PENULTIMATE_FAMILIES)
+            enc = per_pipe[state] = TextEncoders(
+                vocabularies=vocabularies, encode=callback, order=tuple(components), pooled_key="te2" if handle.family in _PENULTIMATE_FAMILIES else None)
         return enc
 
 
@@ -461,8 +555,6 @@ def encode(handle, prompt: str, negative: str = "", batch: int = 1, *, pooled_fr
     negative is encoded as "". `batch` copies are stacked along dim 0. `pooled_from` ("raw"/"clean") picks the
     text the SDXL pooled vector is computed from (see the module docstring).
     """
-    import torch
-
     if pooled_from not in POOLED_FROM:
         raise TuneLabError(f"unknown value '{pooled_from}'; choose raw or clean", input_name="pooled_from")
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
@@ -470,16 +562,16 @@ def encode(handle, prompt: str, negative: str = "", batch: int = 1, *, pooled_fr
                            input_name="batch_size")
     prompt = "" if prompt is None else str(prompt)
     negative = "" if negative is None else str(negative)
-    pos_conj = check(prompt, input_name="positive", required=True)
-    neg_conj = check(negative, input_name="negative", required=False)
+    check(prompt, input_name="positive", required=True)  # refuse before any model work
+    check(negative, input_name="negative", required=False)
 
     lora.activate(handle)
-    enc = _encoder_for(handle)
-    with torch.no_grad():
-        weighted_and = any(w != 1 for w in list(pos_conj.weights) + list(neg_conj.weights))
-        embeds, neg_embeds, pooled, neg_pooled = enc(prompt, negative, weighted_and)
-        if pooled_from == "clean" and pooled is not None:
-            pooled, neg_pooled = enc.clean_pooled(pos_conj), enc.clean_pooled(neg_conj)
+    encoders = _encoders_for(handle)
+    embeds, neg_embeds, pooled, neg_pooled = encode_with(encoders, prompt, negative, pooled_from=pooled_from)
+    te = encoders.encode.components[encoders.order[-1]][1]
+    embeds, neg_embeds = embeds.to(te.device, te.dtype), neg_embeds.to(te.device, te.dtype)
+    if pooled is not None:
+        pooled, neg_pooled = pooled.to(te.device, te.dtype), neg_pooled.to(te.device, te.dtype)
     if batch > 1:
         embeds, neg_embeds = embeds.repeat(batch, 1, 1), neg_embeds.repeat(batch, 1, 1)
         if pooled is not None:
