@@ -155,11 +155,22 @@ def test_kohya_file_gives_the_same_image_in_diffusers(trained, tiny_sdxl):
 
 
 def test_kohya_keys_are_what_comfyui_maps(trained, tiny_sdxl):
+    """Standard kohya names whatever transformers calls the modules: CLIP layers under `text_model` in both text
+    encoders (transformers 5's CLIPTextModel has no such level; ComfyUI's key map expects it)."""
     sd, _ = lora.read_file(trained["result"].lora_path)
     pipe = tiny_sdxl.pipe
-    modules = {prefix: {n.replace(".", "_") for n, _ in model.named_modules()}
-               for prefix, model in (("lora_unet", pipe.unet), ("lora_te1", pipe.text_encoder),
-                                     ("lora_te2", pipe.text_encoder_2))}
+
+    def standard(model, te):
+        names = {n for n, _ in model.named_modules() if n}
+        if te:
+            names = {n if n.startswith(("text_model", "text_projection")) else f"text_model.{n}" for n in names}
+        return {n.replace(".", "_") for n in names}
+
+    modules = {"lora_unet": standard(pipe.unet, False), "lora_te1": standard(pipe.text_encoder, True),
+               "lora_te2": standard(pipe.text_encoder_2, True)}
+    for prefix in ("lora_te1", "lora_te2"):
+        te_keys = [k for k in sd if k.startswith(prefix + "_")]
+        assert te_keys and all(k.startswith(f"{prefix}_text_model_encoder_layers_") for k in te_keys), te_keys[:3]
     pattern = re.compile(r"^(lora_unet|lora_te1|lora_te2)_(\w+?)\.(lora_up\.weight|lora_down\.weight|alpha)$")
     seen = set()
     for key, value in sd.items():

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..core import progress as progress_mod
+from ..core import adapters, progress as progress_mod
 from ..core.errors import Interrupted, TuneLabError
 from ..core.files import check_safetensors, write_text_atomic
 
@@ -610,11 +610,6 @@ def preserved(*modules):
                     (m.enable_gradient_checkpointing if checkpointing else m.disable_gradient_checkpointing)()
 
 
-def _adapter_names(model) -> list:
-    cfg = getattr(model, "peft_config", None)
-    return list(cfg) if isinstance(cfg, dict) else []
-
-
 def _adapter_layers(model):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -623,9 +618,7 @@ def _adapter_layers(model):
 
 def activate_adapter(model, name: str = TRAIN_ADAPTER) -> None:
     """Make `name` the only active adapter of `model`, enabled, with its weights trainable."""
-    model.set_adapter(name)
-    for layer in _adapter_layers(model):
-        layer.enable_adapters(True)
+    adapters.set_active(model, [name])
     # peft's set_adapter flags the active adapter's weights trainable; say it explicitly (validation may toggle it)
     for n, p in model.named_parameters():
         if f".{name}." in n or n.endswith(f".{name}"):
@@ -634,37 +627,31 @@ def activate_adapter(model, name: str = TRAIN_ADAPTER) -> None:
 
 @contextlib.contextmanager
 def training_adapter(model, config, name: str = TRAIN_ADAPTER, input_name: str = "target_modules"):
-    """Add a fresh PEFT adapter to `model` (a diffusers UNet or a transformers text encoder), make it the only
-    active one, and on exit delete it and restore the adapters that were there before (active set, enabled or not).
+    """Add a fresh PEFT adapter to `model` (a diffusers UNet or a transformers text encoder, built by
+    `core.adapters` so transformers' PEFT version gate plays no part), make it the only active one, and on exit
+    delete it and restore the adapters that were there before (active set, enabled or not).
     The base weights' requires_grad is the caller's business (use `preserved`)."""
     layers_before = _adapter_layers(model)
     was_enabled = not any(getattr(layer, "disable_adapters", False) for layer in layers_before)
     was_active = list(layers_before[0].active_adapters) if layers_before else []
-    if name in _adapter_names(model):  # left by a run that crashed without cleaning up
-        _delete_adapter(model, name)
+    if name in adapters.names(model):  # left by a run that crashed without cleaning up
+        adapters.delete(model, name)
     try:
-        model.add_adapter(config, adapter_name=name)
+        adapters.add(model, config, name)
     except ValueError as e:
         raise TuneLabError(f"{e}", input_name=input_name) from None
     try:
         activate_adapter(model, name)
         yield model
     finally:
-        _delete_adapter(model, name)
-        others = _adapter_names(model)
+        adapters.delete(model, name)
+        others = adapters.names(model)
         if others:
             active = [a for a in was_active if a in others] or others[:1]
             with contextlib.suppress(Exception):
-                model.set_adapter(active if len(active) > 1 else active[0])
+                adapters.set_active(model, active)
             for layer in _adapter_layers(model):
                 layer.enable_adapters(was_enabled)
-
-
-def _delete_adapter(model, name: str) -> None:
-    if hasattr(model, "delete_adapters"):  # diffusers models
-        model.delete_adapters(name)
-    else:  # transformers models
-        model.delete_adapter(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
