@@ -432,27 +432,22 @@ def expand_tokens(text: str, abstraction: str, tokens: list) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the run
+# the run, in stages: data -> model -> schedule and resume -> examples -> text side -> caches -> adapters ->
+# optimizer and LR schedule -> the loop (step, checkpoint, validate) -> save
 
 
-@common.trainable
-def train(config: LoraTrainConfig, progress=None) -> TrainResult:
-    """Train a Dreambooth LoRA for SDXL and save it; see the module docstring. Raises TuneLabError for bad input
-    (nothing written), Interrupted after saving a checkpoint when stopped."""
-    import torch
-    from peft import LoraConfig, get_peft_model_state_dict
+@dataclass
+class _Data:
+    records: list
+    captions: list
+    tokens: list  # pivotal tuning's new tokens, e.g. ["<s0>", "<s1>"]
+    dataset_hash: str
 
-    from ..core import lora as lora_mod
-    from ..core import models, prompt as prompt_mod
-    from ..core.models import LoraRef, PipeHandle
 
-    c = config
-    check_config(c)
-    output = Path(c.output).expanduser().resolve()
-    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.stem + "_run")
-    ckpt_dir = run_dir / "checkpoints"
+def _prepare_data(c: LoraTrainConfig) -> _Data:
+    """The dataset and the prompts: a bad dataset or prompt is refused before any model loads."""
+    from ..core import prompt as prompt_mod
 
-    # -- data first: a bad dataset is refused before any model loads
     records = _load_records(c.data_dir, c.instance_prompt)
     captions = [r.caption if c.use_captions else c.instance_prompt.strip() for r in records]
     tokens: list = []
@@ -463,12 +458,32 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
                                f"(instance prompt: '{c.instance_prompt}'); put it in the prompt, e.g. "
                                f"'{c.token_abstraction}'", input_name="token_abstraction")
         captions = [expand_tokens(cap, c.token_abstraction, tokens) for cap in captions]
-    dataset_hash = _dataset_hash(records, captions)
     if c.validation_prompt:
         prompt_mod.check(c.validation_prompt, input_name="validation_prompt")
         prompt_mod.check(c.validation_negative or "", input_name="validation_negative", required=False)
+    return _Data(records, captions, tokens, _dataset_hash(records, captions))
 
-    # -- accelerate and the model
+
+@dataclass
+class _Env:
+    accelerator: Any
+    handle: Any  # the pipe handle as given (it may carry LoRAs)
+    base: Any  # the same pipe without LoRAs: what training starts from
+    mixed_precision: str
+    device: Any
+    is_main: bool
+    world: int
+    rank: int
+
+
+def _load_model(c: LoraTrainConfig) -> _Env:
+    """accelerate (devices, precision, accumulation) and the SDXL pipe: the given handle, or loaded."""
+    import torch
+
+    from ..core import lora as lora_mod
+    from ..core import models
+    from ..core.models import PipeHandle
+
     wanted_device = None
     if isinstance(c.model, PipeHandle):
         wanted_device = c.model.device
@@ -490,51 +505,74 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
     if handle.loras:
         log.warning("TuneLab: the pipe carries LoRAs (%s); training starts from the base weights without them",
                     lora_mod.describe(handle))
-    base = replace(handle, loras=())
-    pipe = base.pipe
-    device = torch.device(handle.device)
-    is_main = accelerator.is_main_process
-    world = accelerator.num_processes
-    rank_id = accelerator.process_index
+    return _Env(accelerator=accelerator, handle=handle, base=replace(handle, loras=()), mixed_precision=mp,
+                device=torch.device(handle.device), is_main=accelerator.is_main_process,
+                world=accelerator.num_processes, rank=accelerator.process_index)
 
-    # -- schedule (with prior preservation an epoch covers every class image too, as the script's dataset does)
-    n_items = len(records) * c.repeats
+
+@dataclass
+class _Schedule:
+    n_items: int  # items per epoch (with prior preservation an epoch covers every class image too)
+    global_batch: int
+    batches_per_epoch: int
+    max_steps: int
+
+
+def _schedule(c: LoraTrainConfig, n_records: int, world: int) -> _Schedule:
+    n_items = n_records * c.repeats
     if c.with_prior_preservation:
-        n_items = max(n_items, c.num_class_images)
+        n_items = max(n_items, c.num_class_images)  # as the script's dataset does
     global_batch = c.train_batch_size * world
     batches_per_epoch = math.ceil(n_items / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
-    max_steps = c.max_train_steps or c.num_train_epochs * steps_per_epoch
-    identity = _identity_config(c, mp, dataset_hash, max_steps)
-    base_id = common.base_identity(base)
+    return _Schedule(n_items, global_batch, batches_per_epoch,
+                     c.max_train_steps or c.num_train_epochs * steps_per_epoch)
 
-    # -- resume: validated before any expensive work
-    ckpt = None
-    if c.resume not in (None, "", "none"):
-        ckpt = common.load_checkpoint(common.find_checkpoint(ckpt_dir, c.resume), config=identity, base=base_id)
-        if ckpt.step >= max_steps:
-            raise TuneLabError(f"the checkpoint {ckpt.path} is at step {ckpt.step}, already at or past "
-                               f"max_train_steps={max_steps}; raise max_train_steps to train further",
-                               input_name="max_train_steps")
 
-    examples = prepare_examples(records, captions, resolution=c.resolution, center_crop=c.center_crop,
+def _open_checkpoint(c: LoraTrainConfig, ckpt_dir: Path, identity: dict, base_id: dict, max_steps: int):
+    """The checkpoint to resume from (validated against the settings and the base model), or None."""
+    if c.resume in (None, "", "none"):
+        return None
+    ckpt = common.load_checkpoint(common.find_checkpoint(ckpt_dir, c.resume), config=identity, base=base_id)
+    if ckpt.step >= max_steps:
+        raise TuneLabError(f"the checkpoint {ckpt.path} is at step {ckpt.step}, already at or past "
+                           f"max_train_steps={max_steps}; raise max_train_steps to train further",
+                           input_name="max_train_steps")
+    return ckpt
+
+
+def _examples(c: LoraTrainConfig, data: _Data, base, run_dir: Path, progress) -> tuple:
+    """(instance examples, class examples): resized, flipped and cropped once, with their micro-conditioning."""
+    examples = prepare_examples(data.records, data.captions, resolution=c.resolution, center_crop=c.center_crop,
                                 random_flip=c.random_flip, seed=c.seed, allow_upscale=c.allow_upscale)
-    del records
-    class_examples = []
+    class_examples: list = []
     if c.with_prior_preservation:
         class_recs = _class_records(c, base, run_dir, progress)
         class_examples = prepare_examples(class_recs, [c.class_prompt.strip()] * len(class_recs),
                                           resolution=c.resolution, center_crop=c.center_crop,
                                           random_flip=c.random_flip, seed=c.seed + 1, allow_upscale=c.allow_upscale,
                                           input_name="class_data_dir")
+    return examples, class_examples
 
-    # -- components: the shared UNet/VAE; text side shared, or private copies for pivotal tuning
-    unet, vae = pipe.unet, pipe.vae
+
+@dataclass
+class _TextSide:
+    tokenizers: list
+    text_encoders: list
+    new_tokens: list  # NewTokens per encoder (pivotal tuning)
+    view: Any  # the handle validation samples with
+    trainable: bool  # the text side changes during training: encode every step, differentiably
+
+
+def _text_side(c: LoraTrainConfig, base, tokens: list, device) -> _TextSide:
+    """The shared tokenizers and text encoders, or private copies with the new tokens for pivotal tuning."""
+    import torch
+
+    pipe = base.pipe
     tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
     text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
-    gen = torch.Generator("cpu").manual_seed(_seed(c.seed))  # noise, timesteps, latent samples: saved in checkpoints
     new_tokens: list = []
-    view = base  # the handle validation samples with
+    view = base
     if c.pivotal_tuning:
         tokenizers = [copy.deepcopy(t) for t in tokenizers]
         text_encoders = [copy.deepcopy(te) for te in text_encoders]
@@ -543,388 +581,542 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
         from diffusers import StableDiffusionXLPipeline
 
         view_pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1], unet=unet, scheduler=pipe.scheduler, add_watermarker=False,
+            vae=pipe.vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1], unet=pipe.unet, scheduler=pipe.scheduler, add_watermarker=False,
             force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
         view_pipe.set_progress_bar_config(disable=True)
         view = replace(base, pipe=view_pipe)
-    text_trainable = c.train_text_encoder or c.pivotal_tuning
-    weight_dtype = unet.dtype
+    return _TextSide(tokenizers, text_encoders, new_tokens, view, c.train_text_encoder or c.pivotal_tuning)
 
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
 
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
-    alpha = float(c.alpha) if c.alpha is not None else float(c.rank)
+def _cache_text(base, captions, device, dtype) -> dict:
+    """{caption: (embeds, pooled)} for frozen text encoders, computed before any training adapter exists."""
+    from ..core import prompt as prompt_mod
 
-    # text embeddings, cached when the encoders are frozen (before any training adapter exists)
-    cond_cache: dict = {}
-    if not text_trainable:
-        for cap in sorted({e.caption for e in examples + class_examples}):
-            try:
-                cond = prompt_mod.encode(base, cap, "")
-            except TuneLabError as e:
-                raise TuneLabError(f"caption '{cap[:60]}': {e}", input_name="dataset") from None
-            cond_cache[cap] = (cond.embeds[0].to(device, weight_dtype), cond.pooled[0].to(device, weight_dtype))
+    cache: dict = {}
+    for cap in sorted(set(captions)):
+        try:
+            cond = prompt_mod.encode(base, cap, "")
+        except TuneLabError as e:
+            raise TuneLabError(f"caption '{cap[:60]}': {e}", input_name="dataset") from None
+        cache[cap] = (cond.embeds[0].to(device, dtype), cond.pooled[0].to(device, dtype))
+    return cache
 
-    # VAE: fp16 SDXL VAEs overflow; encode in an fp32 copy then (as the script keeps the VAE in fp32)
-    enc_vae = vae
-    if vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", True)):
-        enc_vae = copy.deepcopy(vae).to(torch.float32)
-    scaling = float(vae.config.scaling_factor)
-    shift = getattr(vae.config, "shift_factor", None)
 
-    def latent_dist(pixels_u8):
+class _LatentEncoder:
+    """VAE latent distributions of uint8 pixels. fp16 SDXL VAEs overflow, so they encode in an fp32 copy (as the
+    script keeps the VAE in fp32)."""
+
+    def __init__(self, vae, device):
+        import torch
+
+        self.vae = vae
+        if vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", True)):
+            self.vae = copy.deepcopy(vae).to(torch.float32)
+        self.device = device
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = getattr(vae.config, "shift_factor", None)
+
+    def dist(self, pixels_u8):
+        import torch
+
         with torch.no_grad():
-            x = (pixels_u8.to(device=device, dtype=torch.float32) / 127.5 - 1.0).to(enc_vae.dtype)
-            dist = enc_vae.encode(x).latent_dist
-            return dist.mean.float(), dist.std.float()
+            x = (pixels_u8.to(device=self.device, dtype=torch.float32) / 127.5 - 1.0).to(self.vae.dtype)
+            d = self.vae.encode(x).latent_dist
+            return d.mean.float(), d.std.float()
 
-    latent_cache = None
+
+@dataclass
+class _Adapted:
+    trainable: dict  # name -> fp32 parameter (LoRA weights, new token embeddings): what checkpoints hold
+    unet_params: dict
+    te_params: dict
+    emb_params: dict
+    trained_models: list  # the modules whose train/eval mode validation toggles
+
+
+def _add_adapters(stack, c: LoraTrainConfig, unet, vae, text: _TextSide, device, alpha: float) -> _Adapted:
+    """Fresh training adapters on the UNet (and the text encoders), every base weight frozen; all restored when
+    `stack` closes, so the shared pipe is left as it was."""
+    import torch
+    from peft import LoraConfig
 
     unet_lora = LoraConfig(r=c.rank, lora_alpha=alpha, lora_dropout=c.lora_dropout, init_lora_weights="gaussian",
                            target_modules=list(c.target_modules))
     te_lora = LoraConfig(r=c.rank, lora_alpha=alpha, lora_dropout=c.lora_dropout, init_lora_weights="gaussian",
                          target_modules=list(TEXT_TARGETS))
-
-    result_paths: dict = {}
-    losses: list = ckpt.state.get("losses", []) if ckpt else []
-    step = ckpt.step if ckpt else 0
-    micro_step = int(ckpt.state.get("micro_step", 0)) if ckpt else 0
-    last_ckpt: Optional[Path] = None
-    validation: list = []
-
-    with contextlib.ExitStack() as stack:
-        stack.callback(lambda: [t.remove() for t in new_tokens])
-        stack.enter_context(common.preserved(unet, vae, *text_encoders))
-        unet.requires_grad_(False)
-        vae.requires_grad_(False)
-        for te in text_encoders:
-            te.requires_grad_(False)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(_seed(c.seed))  # the adapters' gaussian init
-            stack.enter_context(common.training_adapter(unet, unet_lora))
-            if c.train_text_encoder:
-                for te in text_encoders:
-                    stack.enter_context(common.training_adapter(te, te_lora))
-        trained_models = [unet] + (list(text_encoders) if c.train_text_encoder else [])
-        unet.train()
-        if c.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+    text_encoders = text.text_encoders
+    stack.callback(lambda: [t.remove() for t in text.new_tokens])
+    stack.enter_context(common.preserved(unet, vae, *text_encoders))
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    for te in text_encoders:
+        te.requires_grad_(False)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(_seed(c.seed))  # the adapters' gaussian init
+        stack.enter_context(common.training_adapter(unet, unet_lora))
         if c.train_text_encoder:
             for te in text_encoders:
-                te.train()
-                if c.gradient_checkpointing:
-                    te.gradient_checkpointing_enable()
+                stack.enter_context(common.training_adapter(te, te_lora))
+    trained_models = [unet] + (list(text_encoders) if c.train_text_encoder else [])
+    unet.train()
+    if c.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if c.train_text_encoder:
+        for te in text_encoders:
+            te.train()
+            if c.gradient_checkpointing:
+                te.gradient_checkpointing_enable()
 
-        # trainable weights, fp32 (LoRA and embeddings are small; fp32 keeps Adam's updates from rounding away)
-        def adapter_params(model, prefix):
-            return {f"{prefix}.{n}": p for n, p in model.named_parameters()
-                    if f".{common.TRAIN_ADAPTER}." in n or n.endswith(f".{common.TRAIN_ADAPTER}")}
+    # trainable weights, fp32 (LoRA and embeddings are small; fp32 keeps Adam's updates from rounding away)
+    def adapter_params(model, prefix):
+        return {f"{prefix}.{n}": p for n, p in model.named_parameters()
+                if f".{common.TRAIN_ADAPTER}." in n or n.endswith(f".{common.TRAIN_ADAPTER}")}
 
-        unet_params = adapter_params(unet, "unet")
-        te_params = {}
-        if c.train_text_encoder:
-            te_params.update(adapter_params(text_encoders[0], "text_encoder"))
-            te_params.update(adapter_params(text_encoders[1], "text_encoder_2"))
-        emb_params = {f"embeddings.{k}": t.param for k, t in zip(("clip_l", "clip_g"), new_tokens)}
-        trainable = {**unet_params, **te_params, **emb_params}
-        for p in trainable.values():
-            p.data = p.data.float()
-            p.requires_grad_(True)
+    unet_params = adapter_params(unet, "unet")
+    te_params = {}
+    if c.train_text_encoder:
+        te_params.update(adapter_params(text_encoders[0], "text_encoder"))
+        te_params.update(adapter_params(text_encoders[1], "text_encoder_2"))
+    emb_params = {f"embeddings.{k}": t.param for k, t in zip(("clip_l", "clip_g"), text.new_tokens)}
+    trainable = {**unet_params, **te_params, **emb_params}
+    for p in trainable.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return _Adapted(trainable, unet_params, te_params, emb_params, trained_models)
 
-        groups = [{"params": list(unet_params.values()), "lr": c.learning_rate,
-                   "weight_decay": c.adam_weight_decay}]
-        if te_params:
-            groups.append({"params": list(te_params.values()), "lr": c.text_encoder_lr,
-                           "weight_decay": c.adam_weight_decay_text_encoder})
-        if emb_params:
-            groups.append({"params": list(emb_params.values()), "lr": c.embedding_lr or c.text_encoder_lr,
-                           "weight_decay": c.adam_weight_decay_text_encoder})
-        adam = dict(betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
-        if c.use_8bit_adam:
-            import bitsandbytes as bnb
 
-            optimizer = bnb.optim.AdamW8bit(groups, **adam)
-        else:
-            # a LoRA is hundreds of small tensors: one fused kernel per step instead of a loop over them (same
-            # AdamW math; the plain script's default loops on the CPU)
-            try:
-                optimizer = torch.optim.AdamW(groups, fused=True, **adam)
-            except (RuntimeError, TypeError, ValueError):
-                optimizer = torch.optim.AdamW(groups, foreach=True, **adam)
-        from diffusers.optimization import get_scheduler
+def _optimizer(c: LoraTrainConfig, adapted: _Adapted):
+    """AdamW over the parameter groups (UNet; text encoders and new embeddings at their own rate)."""
+    import torch
 
-        lr_scheduler = get_scheduler(c.lr_scheduler, optimizer=optimizer,
-                                     num_warmup_steps=c.lr_warmup_steps * world,
-                                     num_training_steps=max_steps * world, num_cycles=c.lr_num_cycles,
-                                     power=c.lr_power)
-        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    groups = [{"params": list(adapted.unet_params.values()), "lr": c.learning_rate,
+               "weight_decay": c.adam_weight_decay}]
+    if adapted.te_params:
+        groups.append({"params": list(adapted.te_params.values()), "lr": c.text_encoder_lr,
+                       "weight_decay": c.adam_weight_decay_text_encoder})
+    if adapted.emb_params:
+        groups.append({"params": list(adapted.emb_params.values()), "lr": c.embedding_lr or c.text_encoder_lr,
+                       "weight_decay": c.adam_weight_decay_text_encoder})
+    adam = dict(betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
+    if c.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **adam)
+    # a LoRA is hundreds of small tensors: one fused kernel per step instead of a loop over them (same AdamW math;
+    # the plain script's default loops on the CPU)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **adam)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **adam)
+
+
+def _lr_scheduler(c: LoraTrainConfig, optimizer, world: int, max_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps * world,
+                         num_training_steps=max_steps * world, num_cycles=c.lr_num_cycles, power=c.lr_power)
+
+
+class _Loop:
+    """The training state of one run (step, micro-step, losses, the noise generator) and one optimizer step: draw
+    the micro-batches, compute the loss, accumulate, clip, step, guard against non-finite values."""
+
+    def __init__(self, c: LoraTrainConfig, env: _Env, sched: _Schedule, text: _TextSide, adapted: _Adapted,
+                 optimizer, lr_scheduler, *, unet, weight_dtype, examples, class_examples, cond_cache,
+                 encoder: _LatentEncoder, ckpt):
+        import torch
+        from diffusers import DDPMScheduler
+
+        self.c, self.env, self.sched, self.text, self.adapted = c, env, sched, text, adapted
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.examples, self.class_examples, self.cond_cache, self.encoder = examples, class_examples, cond_cache, \
+            encoder
+        pipe = env.base.pipe
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.weight_dtype = weight_dtype
+        accelerator, world = env.accelerator, env.world
         # Several processes (accelerate launch): the CLI loaded a private pipe, so DDP may wrap the models.
         # One process: the models stay unwrapped, so the shared pipe keeps its own forward.
-        fwd_unet = accelerator.prepare(unet) if world > 1 else unet
-        fwd_tes = [accelerator.prepare(te) if (world > 1 and c.train_text_encoder) else te for te in text_encoders]
-        scaler = getattr(accelerator, "scaler", None)
-        generators = {"train": gen}
+        self.fwd_unet = accelerator.prepare(unet) if world > 1 else unet
+        self.fwd_tes = [accelerator.prepare(te) if (world > 1 and c.train_text_encoder) else te
+                        for te in text.text_encoders]
+        self.scaler = getattr(accelerator, "scaler", None)
+        self.gen = torch.Generator("cpu").manual_seed(_seed(c.seed))  # noise, timesteps, latent samples
+        self.generators = {"train": self.gen}
+        self.latent_cache = None
+        self.losses: list = ckpt.state.get("losses", []) if ckpt else []
+        self.step = ckpt.step if ckpt else 0
+        self.micro_step = int(ckpt.state.get("micro_step", 0)) if ckpt else 0
+        self.ti_steps = int(math.ceil(c.train_embeddings_frac * sched.max_steps)) if text.new_tokens else 0
+
+    # -- resume or a fresh start
+    def restore(self, ckpt) -> None:
+        import torch
 
         if ckpt is not None:
-            ckpt.load_weights(trainable)
-            ckpt.restore(optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, generators=generators)
+            ckpt.load_weights(self.adapted.trainable)
+            ckpt.restore(optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.scaler,
+                         generators=self.generators)
             log.info("TuneLab: resumed from %s at step %d", ckpt.path, ckpt.step)
         else:
-            import numpy as np
             import random as _random
 
-            torch.manual_seed(_seed(c.seed))
-            _random.seed(int(c.seed))
-            np.random.seed(int(c.seed) % (1 << 32))
+            import numpy as np
 
-        ctl = stack.enter_context(common.Control(progress if is_main else (lambda t, d: _Silent()), max_steps,
-                                                 start=step, desc="train lora", max_nonfinite=c.max_nonfinite))
+            torch.manual_seed(_seed(self.c.seed))
+            _random.seed(int(self.c.seed))
+            np.random.seed(int(self.c.seed) % (1 << 32))
 
+    def cache_latents(self, ctl) -> None:
+        import torch
+
+        means, stds = [], []
+        for e in self.examples + self.class_examples:
+            ctl.check()
+            m, s = self.encoder.dist(e.pixels[None])
+            means.append(m[0])
+            stds.append(s[0])
+        self.latent_cache = (torch.stack(means), torch.stack(stds))
+
+    # -- collective flags (several processes agree on skipping and stopping)
+    def all_true(self, flag: bool) -> bool:
+        import torch
+
+        if self.env.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.env.accelerator.device)
+        return bool(self.env.accelerator.reduce(t, reduction="sum").item() == self.env.world)
+
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
+    # -- one micro-batch
+    def batch_indices(self, ms: int) -> list:
+        """This process's items of micro-batch `ms`: a seeded permutation per epoch, so any micro-step is known
+        from the seed alone (exact resume)."""
+        import torch
+
+        s = self.sched
+        epoch, b = divmod(ms, s.batches_per_epoch)
+        order = torch.randperm(s.n_items,
+                               generator=torch.Generator().manual_seed(_seed(self.c.seed * 1_000_003 + epoch)))
+        chunk = order[b * s.global_batch:(b + 1) * s.global_batch].tolist()
+        return chunk[self.env.rank::self.env.world] or chunk[:1]
+
+    def latents_for(self, exs, cache_offset: int, idx):
+        import torch
+
+        device = self.env.device
+        if self.latent_cache is not None:
+            rows = torch.tensor([cache_offset + i for i in idx], device=self.latent_cache[0].device)
+            mean, std = self.latent_cache[0][rows], self.latent_cache[1][rows]
+        else:
+            mean, std = self.encoder.dist(torch.stack([exs[i].pixels for i in idx]))
+        sample = mean + std * torch.randn(mean.shape, generator=self.gen).to(device)
+        if self.encoder.shift is not None:
+            sample = sample - self.encoder.shift
+        return (sample * self.encoder.scaling).to(self.weight_dtype)
+
+    def conditioning(self, caps):
+        import torch
+
+        if not self.text.trainable:
+            embeds = torch.stack([self.cond_cache[cp][0] for cp in caps])
+            pooled = torch.stack([self.cond_cache[cp][1] for cp in caps])
+            return embeds, pooled
+        embeds, pooled = encode_plain(self.text.tokenizers, self.fwd_tes, caps, self.env.device)
+        return embeds.to(self.weight_dtype), pooled.to(self.weight_dtype)
+
+    def compute_loss(self, items):
+        import torch
+        from diffusers.training_utils import compute_snr
+
+        c, gen, device, dtype = self.c, self.gen, self.env.device, self.weight_dtype
+        examples, class_examples = self.examples, self.class_examples
+        idx = [i % len(examples) for i in items]
+        exs = [examples[i] for i in idx]
+        caps = [e.caption for e in exs]
+        tids = [e.time_ids for e in exs]
+        latents = self.latents_for(examples, 0, idx)
+        if class_examples:
+            cidx = [i % len(class_examples) for i in items]
+            latents = torch.cat([latents, self.latents_for(class_examples, len(examples), cidx)])
+            caps += [class_examples[i].caption for i in cidx]
+            tids += [class_examples[i].time_ids for i in cidx]
+        bsz = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen)
+        if c.noise_offset:
+            noise = noise + c.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
+        scheduler = self.noise_scheduler
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=gen)
+        noise = noise.to(device, dtype)
+        timesteps = timesteps.to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        embeds, pooled = self.conditioning(caps)
+        time_ids = torch.tensor(tids, dtype=dtype, device=device)
+        with self.env.accelerator.autocast():
+            pred = self.fwd_unet(noisy, timesteps, embeds, added_cond_kwargs={"time_ids": time_ids,
+                                                                             "text_embeds": pooled},
+                                 return_dict=False)[0]
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise TuneLabError(f"unsupported prediction type {self.prediction_type}", input_name="model")
+        prior = None
+        if class_examples:
+            pred, pred_prior = torch.chunk(pred, 2, dim=0)
+            target, target_prior = torch.chunk(target, 2, dim=0)
+            timesteps = timesteps[: pred.shape[0]]
+            prior = torch.nn.functional.mse_loss(pred_prior.float(), target_prior.float(), reduction="mean")
+        if c.snr_gamma is None:
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+        else:
+            snr = compute_snr(scheduler, timesteps)
+            weights = torch.stack([snr, c.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
+            if self.prediction_type == "v_prediction":
+                weights = weights + 1  # the velocity objective is floored to an SNR weight of one
+            per = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+            loss = (per.mean(dim=list(range(1, per.ndim))) * weights).mean()
+        if prior is not None:
+            loss = loss + c.prior_loss_weight * prior
+        return loss
+
+    # -- one optimizer step
+    def optimizer_step(self, ctl, save_state) -> Optional[float]:
+        """Accumulate, clip and step once; the step's mean loss, or None when a non-finite loss or gradient
+        skipped it (after too many in a row: save, then raise)."""
+        import torch
+
+        accelerator, optimizer = self.env.accelerator, self.optimizer
+        train_embeddings = self.step < self.ti_steps
+        for t in self.text.new_tokens:
+            t.param.requires_grad_(train_embeddings)
+        cycle_losses, cycle_bad = [], False
+        for _ in range(self.c.gradient_accumulation_steps):
+            idx = self.batch_indices(self.micro_step)
+            self.micro_step += 1
+            with accelerator.accumulate(self.fwd_unet):
+                loss = self.compute_loss(idx)
+                if not self.all_true(ctl.finite(loss)):
+                    cycle_bad = True
+                    continue
+                accelerator.backward(loss)
+                cycle_losses.append(float(loss.detach().float().item()))
+        if not cycle_bad and accelerator.sync_gradients:
+            norm = accelerator.clip_grad_norm_([p for p in self.adapted.trainable.values() if p.requires_grad],
+                                               self.c.max_grad_norm)
+            if self.scaler is None and norm is not None and not self.all_true(bool(torch.isfinite(norm).item())):
+                cycle_bad = not ctl.finite(float("inf"))  # counted like a non-finite loss
+        if cycle_bad:
+            optimizer.zero_grad(set_to_none=True)
+            if ctl.too_many_nonfinite:
+                raise ctl.nonfinite_error(self.step, save_state(self.step))
+            return None
+        optimizer.step()
+        self.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if train_embeddings:
+            for t in self.text.new_tokens:
+                t.retract()
+        self.step += 1
+        step_loss = sum(cycle_losses) / len(cycle_losses)
+        self.losses.append(step_loss)
+        ctl.stepped(step_loss)
+        return step_loss
+
+
+class _Validator:
+    """Images sampled with the training adapter from the validation prompt, saved per step under
+    <run_dir>/validation. Best effort: a failing sampler never costs the run."""
+
+    def __init__(self, c: LoraTrainConfig, text: _TextSide, adapted: _Adapted, tokens: list, run_dir: Path):
+        self.c, self.text, self.adapted, self.tokens, self.run_dir = c, text, adapted, tokens, run_dir
+
+    def __call__(self, at_step: int) -> list:
+        from ..core import prompt as prompt_mod
+        from ..core import sampling
+        from ..core.models import LoraRef
+
+        c, tokens = self.c, self.tokens
+        vp = expand_tokens(c.validation_prompt, c.token_abstraction, tokens) if tokens else c.validation_prompt
+        vn = expand_tokens(c.validation_negative or "", c.token_abstraction, tokens) if tokens \
+            else (c.validation_negative or "")
+        ref = LoraRef(adapter=common.TRAIN_ADAPTER, weight=1.0, name="training", sha256=f"training-{at_step}")
+        h = replace(self.text.view, loras=(ref,))
+        trained_models = self.adapted.trained_models
+        was_training = [m.training for m in trained_models]
+        pics = []
+        try:
+            for m in trained_models:
+                m.eval()
+            for i in range(c.num_validation_images):
+                cond = prompt_mod.encode(h, vp, vn)
+                img = sampling.generate(h, cond, seed=c.seed + i, steps=c.validation_inference_steps,
+                                        guidance=c.validation_guidance, width=c.resolution, height=c.resolution)
+                pics.append(images_mod.tensor_to_pil(img)[0])
+        except Exception as e:  # validation never costs the run (B4: sampling after the save, guarded)
+            log.warning("TuneLab: validation at step %d failed: %s", at_step, e)
+        finally:
+            for m, tr in zip(trained_models, was_training):
+                m.train(tr)
+                common.activate_adapter(m)
+            for t in self.text.new_tokens:
+                t.param.requires_grad_(True)
+        vdir = self.run_dir / "validation"
+        for i, im in enumerate(pics):
+            images_mod.save_png(im, vdir / f"step-{at_step:06d}-{i:02d}.png",
+                                {"prompt": vp, "negative": vn, "step": at_step, "seed": c.seed + i})
+        return pics
+
+
+def _save_lora(c: LoraTrainConfig, output: Path, handle, unet, text: _TextSide, tokens: list, step: int,
+               alpha: float) -> dict:
+    """Embeddings and the diffusers copy first, the LoRA last (its presence means "complete"). Returns the paths
+    written and the LoRA's metadata."""
+    from peft import get_peft_model_state_dict
+
+    from ..core import lora as lora_mod
+
+    paths: dict = {}
+    unet_sd = get_peft_model_state_dict(unet, adapter_name=common.TRAIN_ADAPTER)
+    te1_sd = te2_sd = None
+    if c.train_text_encoder:
+        te1_sd = get_peft_model_state_dict(text.text_encoders[0], adapter_name=common.TRAIN_ADAPTER)
+        te2_sd = get_peft_model_state_dict(text.text_encoders[1], adapter_name=common.TRAIN_ADAPTER)
+    metadata = {
+        "base_model": str(handle.source), "base_model_sha256": handle.sha256 or "",
+        "base_model_family": handle.family, "instance_prompt": c.instance_prompt,
+        "steps": str(step), "resolution": str(c.resolution), "tunelab_trainer": "lora_sdxl",
+        "tunelab_settings": json.dumps(settings_dict(c)),
+    }
+    if text.new_tokens:
+        emb_path = output.with_name(output.stem + "_emb.safetensors")
+        from safetensors.torch import save_file
+
+        from ..core.files import atomic_path
+
+        with atomic_path(emb_path) as tmp:
+            save_file({"clip_l": text.new_tokens[0].param.detach().float().cpu().contiguous(),
+                       "clip_g": text.new_tokens[1].param.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata={"format": "pt", "tokens": json.dumps(tokens),
+                                "token_abstraction": c.token_abstraction})
+        paths["embeddings"] = emb_path
+        metadata["tunelab_embeddings"] = emb_path.name
+        metadata["tunelab_tokens"] = json.dumps(tokens)
+    if c.save_diffusers_copy:
+        dpath = output.with_name(output.stem + "_diffusers.safetensors")
+        lora_mod.save(dpath, unet=unet_sd, text_encoder=te1_sd, text_encoder_2=te2_sd, rank=c.rank,
+                      alpha=alpha, metadata=metadata, fmt="diffusers")
+        paths["diffusers"] = dpath
+    lora_mod.save(output, unet=unet_sd, text_encoder=te1_sd, text_encoder_2=te2_sd, rank=c.rank,
+                  alpha=alpha, metadata=metadata, fmt="kohya")
+    paths["metadata"] = metadata
+    return paths
+
+
+@common.trainable
+def train(config: LoraTrainConfig, progress=None) -> TrainResult:
+    """Train a Dreambooth LoRA for SDXL and save it; see the module docstring. Raises TuneLabError for bad input
+    (nothing written), Interrupted after saving a checkpoint when stopped."""
+    from ..core import lora as lora_mod
+
+    c = config
+    check_config(c)
+    output = Path(c.output).expanduser().resolve()
+    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.stem + "_run")
+    ckpt_dir = run_dir / "checkpoints"
+
+    data = _prepare_data(c)
+    env = _load_model(c)
+    sched = _schedule(c, len(data.records), env.world)
+    identity = _identity_config(c, env.mixed_precision, data.dataset_hash, sched.max_steps)
+    base_id = common.base_identity(env.base)
+    ckpt = _open_checkpoint(c, ckpt_dir, identity, base_id, sched.max_steps)  # before any expensive work
+    examples, class_examples = _examples(c, data, env.base, run_dir, progress)
+    pipe = env.base.pipe
+    unet, vae = pipe.unet, pipe.vae
+    text = _text_side(c, env.base, data.tokens, env.device)
+    weight_dtype = unet.dtype
+    cond_cache = {} if text.trainable else _cache_text(env.base, [e.caption for e in examples + class_examples],
+                                                      env.device, weight_dtype)
+    encoder = _LatentEncoder(vae, env.device)
+    alpha = float(c.alpha) if c.alpha is not None else float(c.rank)
+
+    result_paths: dict = {}
+    last_ckpt: Optional[Path] = None
+    validation: list = []
+    with contextlib.ExitStack() as stack:
+        adapted = _add_adapters(stack, c, unet, vae, text, env.device, alpha)
+        optimizer = _optimizer(c, adapted)
+        lr_scheduler = _lr_scheduler(c, optimizer, env.world, sched.max_steps)
+        optimizer, lr_scheduler = env.accelerator.prepare(optimizer, lr_scheduler)
+        loop = _Loop(c, env, sched, text, adapted, optimizer, lr_scheduler, unet=unet, weight_dtype=weight_dtype,
+                     examples=examples, class_examples=class_examples, cond_cache=cond_cache, encoder=encoder,
+                     ckpt=ckpt)
+        loop.restore(ckpt)
+        ctl = stack.enter_context(common.Control(progress if env.is_main else (lambda t, d: _Silent()),
+                                                 sched.max_steps, start=loop.step, desc="train lora",
+                                                 max_nonfinite=c.max_nonfinite))
         if c.cache_latents:
-            means, stds = [], []
-            for e in examples + class_examples:
-                ctl.check()
-                m, s = latent_dist(e.pixels[None])
-                means.append(m[0])
-                stds.append(s[0])
-            latent_cache = (torch.stack(means), torch.stack(stds))
+            loop.cache_latents(ctl)
+        validate = _Validator(c, text, adapted, data.tokens, run_dir)
 
         def save_state(at_step: int) -> Optional[Path]:
+            nonlocal last_ckpt
             path = None
-            if is_main:
-                common.save_loss_curve(losses, run_dir / "loss_curve.png", title=f"{output.stem}: loss per step")
+            if env.is_main:
+                common.save_loss_curve(loop.losses, run_dir / "loss_curve.png",
+                                       title=f"{output.stem}: loss per step")
                 path = common.save_checkpoint(
-                    ckpt_dir, at_step, weights=trainable, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                    scaler=scaler, generators=generators, config=identity, base=base_id,
+                    ckpt_dir, at_step, weights=adapted.trainable, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                    scaler=loop.scaler, generators=loop.generators, config=identity, base=base_id,
                     keep=c.checkpoints_total_limit,
-                    state={"micro_step": micro_step, "losses": list(losses), "tokens": tokens,
+                    state={"micro_step": loop.micro_step, "losses": list(loop.losses), "tokens": data.tokens,
                            "nonfinite_total": ctl.nonfinite_total})
-            accelerator.wait_for_everyone()
+            env.accelerator.wait_for_everyone()
+            last_ckpt = path
             return path
 
-        def all_true(flag: bool) -> bool:
-            if world == 1:
-                return flag
-            t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-            return bool(accelerator.reduce(t, reduction="sum").item() == world)
-
-        def any_true(flag: bool) -> bool:
-            return not all_true(not flag)
-
-        def batch_indices(ms: int) -> list:
-            epoch, b = divmod(ms, batches_per_epoch)
-            order = torch.randperm(n_items, generator=torch.Generator().manual_seed(_seed(c.seed * 1_000_003 + epoch)))
-            chunk = order[b * global_batch:(b + 1) * global_batch].tolist()
-            return chunk[rank_id::world] or chunk[:1]
-
-        def latents_for(exs, cache_offset: int, idx):
-            if latent_cache is not None:
-                rows = torch.tensor([cache_offset + i for i in idx], device=latent_cache[0].device)
-                mean, std = latent_cache[0][rows], latent_cache[1][rows]
-            else:
-                mean, std = latent_dist(torch.stack([exs[i].pixels for i in idx]))
-            sample = mean + std * torch.randn(mean.shape, generator=gen).to(device)
-            if shift is not None:
-                sample = sample - shift
-            return (sample * scaling).to(weight_dtype)
-
-        def conditioning(caps):
-            if not text_trainable:
-                embeds = torch.stack([cond_cache[cp][0] for cp in caps])
-                pooled = torch.stack([cond_cache[cp][1] for cp in caps])
-                return embeds, pooled
-            embeds, pooled = encode_plain(tokenizers, fwd_tes, caps, device)
-            return embeds.to(weight_dtype), pooled.to(weight_dtype)
-
-        def compute_loss(items):
-            idx = [i % len(examples) for i in items]
-            exs = [examples[i] for i in idx]
-            caps = [e.caption for e in exs]
-            tids = [e.time_ids for e in exs]
-            latents = latents_for(examples, 0, idx)
-            if class_examples:
-                cidx = [i % len(class_examples) for i in items]
-                latents = torch.cat([latents, latents_for(class_examples, len(examples), cidx)])
-                caps += [class_examples[i].caption for i in cidx]
-                tids += [class_examples[i].time_ids for i in cidx]
-            bsz = latents.shape[0]
-            noise = torch.randn(latents.shape, generator=gen)
-            if c.noise_offset:
-                noise = noise + c.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen)
-            noise = noise.to(device, weight_dtype)
-            timesteps = timesteps.to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            embeds, pooled = conditioning(caps)
-            time_ids = torch.tensor(tids, dtype=weight_dtype, device=device)
-            with accelerator.autocast():
-                pred = fwd_unet(noisy, timesteps, embeds, added_cond_kwargs={"time_ids": time_ids,
-                                                                            "text_embeds": pooled},
-                                return_dict=False)[0]
-            if prediction_type == "epsilon":
-                target = noise
-            elif prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                raise TuneLabError(f"unsupported prediction type {prediction_type}", input_name="model")
-            prior = None
-            if class_examples:
-                pred, pred_prior = torch.chunk(pred, 2, dim=0)
-                target, target_prior = torch.chunk(target, 2, dim=0)
-                timesteps = timesteps[: pred.shape[0]]
-                prior = torch.nn.functional.mse_loss(pred_prior.float(), target_prior.float(), reduction="mean")
-            if c.snr_gamma is None:
-                loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
-            else:
-                snr = compute_snr(noise_scheduler, timesteps)
-                weights = torch.stack([snr, c.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
-                if prediction_type == "v_prediction":
-                    weights = weights + 1  # the velocity objective is floored to an SNR weight of one
-                per = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
-                loss = (per.mean(dim=list(range(1, per.ndim))) * weights).mean()
-            if prior is not None:
-                loss = loss + c.prior_loss_weight * prior
-            return loss
-
-        def run_validation(at_step: int) -> list:
-            if not c.validation_prompt or not is_main:
-                return []
-            from ..core import sampling
-
-            vp = expand_tokens(c.validation_prompt, c.token_abstraction, tokens) if tokens else c.validation_prompt
-            vn = expand_tokens(c.validation_negative or "", c.token_abstraction, tokens) if tokens \
-                else (c.validation_negative or "")
-            ref = LoraRef(adapter=common.TRAIN_ADAPTER, weight=1.0, name="training", sha256=f"training-{at_step}")
-            h = replace(view, loras=(ref,))
-            was_training = [m.training for m in trained_models]
-            pics = []
-            try:
-                for m in trained_models:
-                    m.eval()
-                for i in range(c.num_validation_images):
-                    cond = prompt_mod.encode(h, vp, vn)
-                    img = sampling.generate(h, cond, seed=c.seed + i, steps=c.validation_inference_steps,
-                                            guidance=c.validation_guidance, width=c.resolution,
-                                            height=c.resolution)
-                    pics.append(images_mod.tensor_to_pil(img)[0])
-            except Exception as e:  # validation never costs the run (B4: sampling after the save, guarded)
-                log.warning("TuneLab: validation at step %d failed: %s", at_step, e)
-            finally:
-                for m, tr in zip(trained_models, was_training):
-                    m.train(tr)
-                    common.activate_adapter(m)
-                for t in new_tokens:
-                    t.param.requires_grad_(True)
-            vdir = run_dir / "validation"
-            for i, im in enumerate(pics):
-                images_mod.save_png(im, vdir / f"step-{at_step:06d}-{i:02d}.png",
-                                    {"prompt": vp, "negative": vn, "step": at_step, "seed": c.seed + i})
-            return pics
-
-        ti_steps = int(math.ceil(c.train_embeddings_frac * max_steps)) if new_tokens else 0
         ctl.check()
-        while step < max_steps:
-            train_embeddings = step < ti_steps
-            for t in new_tokens:
-                t.param.requires_grad_(train_embeddings)
-            cycle_losses, cycle_bad = [], False
-            for _ in range(c.gradient_accumulation_steps):
-                idx = batch_indices(micro_step)
-                micro_step += 1
-                with accelerator.accumulate(fwd_unet):
-                    loss = compute_loss(idx)
-                    if not all_true(ctl.finite(loss)):
-                        cycle_bad = True
-                        continue
-                    accelerator.backward(loss)
-                    cycle_losses.append(float(loss.detach().float().item()))
-            if not cycle_bad and accelerator.sync_gradients:
-                norm = accelerator.clip_grad_norm_([p for p in trainable.values() if p.requires_grad],
-                                                   c.max_grad_norm)
-                if scaler is None and norm is not None and not all_true(bool(torch.isfinite(norm).item())):
-                    cycle_bad = not ctl.finite(float("inf"))  # counted like a non-finite loss
-            if cycle_bad:
-                optimizer.zero_grad(set_to_none=True)
-                if ctl.too_many_nonfinite:
-                    last_ckpt = save_state(step)
-                    raise ctl.nonfinite_error(step, last_ckpt)
+        max_steps = sched.max_steps
+        while loop.step < max_steps:
+            if loop.optimizer_step(ctl, save_state) is None:
                 continue
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if train_embeddings:
-                for t in new_tokens:
-                    t.retract()
-            step += 1
-            step_loss = sum(cycle_losses) / len(cycle_losses)
-            losses.append(step_loss)
-            ctl.stepped(step_loss)
+            step = loop.step
             saved_now = False
             if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < max_steps:
-                last_ckpt = save_state(step)
+                save_state(step)
                 saved_now = True
-            if c.validation_steps and step % c.validation_steps == 0 and step < max_steps:
-                validation = run_validation(step)
-            if any_true(ctl.stop_requested()) and step < max_steps:
+            if c.validation_prompt and env.is_main and c.validation_steps and step % c.validation_steps == 0 \
+                    and step < max_steps:
+                validation = validate(step)
+            if loop.any_true(ctl.stop_requested()) and step < max_steps:
                 if not saved_now:
-                    last_ckpt = save_state(step)
+                    save_state(step)
                 ctl.interrupted(step, last_ckpt)
 
-        # -- save: embeddings and the diffusers copy first, the LoRA last (its presence means "complete")
-        if is_main:
-            unet_sd = get_peft_model_state_dict(unet, adapter_name=common.TRAIN_ADAPTER)
-            te1_sd = te2_sd = None
-            if c.train_text_encoder:
-                te1_sd = get_peft_model_state_dict(text_encoders[0], adapter_name=common.TRAIN_ADAPTER)
-                te2_sd = get_peft_model_state_dict(text_encoders[1], adapter_name=common.TRAIN_ADAPTER)
-            settings = settings_dict(c)
-            metadata = {
-                "base_model": str(handle.source), "base_model_sha256": handle.sha256 or "",
-                "base_model_family": handle.family, "instance_prompt": c.instance_prompt,
-                "steps": str(step), "resolution": str(c.resolution), "tunelab_trainer": "lora_sdxl",
-                "tunelab_settings": json.dumps(settings),
-            }
-            if new_tokens:
-                emb_path = output.with_name(output.stem + "_emb.safetensors")
-                from safetensors.torch import save_file
-
-                from ..core.files import atomic_path
-
-                with atomic_path(emb_path) as tmp:
-                    save_file({"clip_l": new_tokens[0].param.detach().float().cpu().contiguous(),
-                               "clip_g": new_tokens[1].param.detach().float().cpu().contiguous()}, str(tmp),
-                              metadata={"format": "pt", "tokens": json.dumps(tokens),
-                                        "token_abstraction": c.token_abstraction})
-                result_paths["embeddings"] = emb_path
-                metadata["tunelab_embeddings"] = emb_path.name
-                metadata["tunelab_tokens"] = json.dumps(tokens)
-            if c.save_diffusers_copy:
-                dpath = output.with_name(output.stem + "_diffusers.safetensors")
-                lora_mod.save(dpath, unet=unet_sd, text_encoder=te1_sd, text_encoder_2=te2_sd, rank=c.rank,
-                              alpha=alpha, metadata=metadata, fmt="diffusers")
-                result_paths["diffusers"] = dpath
-            lora_mod.save(output, unet=unet_sd, text_encoder=te1_sd, text_encoder_2=te2_sd, rank=c.rank,
-                          alpha=alpha, metadata=metadata, fmt="kohya")
-            result_paths["metadata"] = metadata
-            # the trained state, sampled after the save (a failing sampler never costs the LoRA)
-            if c.validation_prompt:
-                validation = run_validation(step)
-        accelerator.wait_for_everyone()
+        if env.is_main:
+            result_paths = _save_lora(c, output, env.handle, unet, text, data.tokens, loop.step, alpha)
+            if c.validation_prompt:  # the trained state, sampled after the save (never costs the LoRA)
+                validation = validate(loop.step)
+        env.accelerator.wait_for_everyone()
         nonfinite_total = ctl.nonfinite_total
     if lora_mod.loaded_adapters(pipe):  # the shared pipe's resting state: nothing runs until activate() picks
         pipe.disable_lora()
 
     curve_path, curve = run_dir / "loss_curve.png", None
-    if is_main:
-        curve_path, curve = common.save_loss_curve(losses, curve_path, title=f"{output.stem}: loss per step")
+    if env.is_main:
+        curve_path, curve = common.save_loss_curve(loop.losses, curve_path, title=f"{output.stem}: loss per step")
     return TrainResult(lora_path=output, loss_curve_png=curve_path, loss_curve=curve, validation_images=validation,
-                       losses=list(losses), steps=step, run_dir=run_dir,
+                       losses=list(loop.losses), steps=loop.step, run_dir=run_dir,
                        embeddings_path=result_paths.get("embeddings"), diffusers_path=result_paths.get("diffusers"),
-                       resumed_from=ckpt.path if ckpt else None, last_checkpoint=last_ckpt, tokens=tuple(tokens),
-                       nonfinite_skipped=nonfinite_total, metadata=result_paths.get("metadata", {}))
+                       resumed_from=ckpt.path if ckpt else None, last_checkpoint=last_ckpt,
+                       tokens=tuple(data.tokens), nonfinite_skipped=nonfinite_total,
+                       metadata=result_paths.get("metadata", {}))
 
 
 class _Silent:
