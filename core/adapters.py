@@ -46,6 +46,7 @@ def lora_config(peft_state_dict: dict, alphas: Optional[dict] = None, **kwargs):
     module_alphas = {m: float((alphas or {}).get(m, r)) for m, r in ranks.items()}
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(module_alphas.values()).most_common(1)[0][0]
+    kwargs.setdefault("use_dora", any("lora_magnitude_vector" in k for k in peft_state_dict))  # DoRA weights
     return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks),
                       rank_pattern={m: v for m, v in ranks.items() if v != r},
                       alpha_pattern={m: v for m, v in module_alphas.items() if v != alpha}, **kwargs)

@@ -70,6 +70,34 @@ def check_architecture(handle: PipeHandle, state_dict: dict, name: str) -> None:
                                f"{handle.architecture}", input_name="lora")
 
 
+def _split_dora_scales(state_dict: dict) -> tuple[dict, dict]:
+    """(the state dict without kohya/LyCORIS `.dora_scale` keys, {kohya module: magnitude as [out]}). diffusers
+    drops those keys for SD/SDXL ("not compatible in Diffusers"), so they are put back on the PEFT side."""
+    scales = {k[: -len(".dora_scale")]: v.reshape(-1) for k, v in state_dict.items() if k.endswith(".dora_scale")}
+    if not scales:
+        return state_dict, {}
+    return {k: v for k, v in state_dict.items() if not k.endswith(".dora_scale")}, scales
+
+
+def _dora_for(comp: str, weights: dict, scales: dict) -> dict:
+    """{PEFT module: magnitude} for the modules of `comp` whose kohya name has a dora_scale."""
+    heads = {"unet": ("lora_unet_",), "transformer": ("lora_unet_",), "text_encoder": ("lora_te1_", "lora_te_"),
+             "text_encoder_2": ("lora_te2_",)}.get(comp, ())
+    found = {}
+    for key in weights:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        named = module if comp in ("unet", "transformer") else \
+            next(iter(lora_files.with_text_model_level({module: None})))
+        for head in heads:
+            scale = scales.get(head + named.replace(".", "_"))
+            if scale is not None:
+                found[module] = scale
+                break
+    return found
+
+
 def _to_peft(handle: PipeHandle, state_dict: dict) -> tuple[dict[str, tuple[dict, dict]], dict, dict]:
     """diffusers' reading of a LoRA file, split per component ('unet', 'text_encoder', 'text_encoder_2').
 
@@ -81,6 +109,7 @@ def _to_peft(handle: PipeHandle, state_dict: dict) -> tuple[dict[str, tuple[dict
                                                   convert_unet_state_dict_to_peft)
 
     pipe = handle.pipe
+    state_dict, dora_scales = _split_dora_scales(state_dict)
     try:
         out = pipe.lora_state_dict(dict(state_dict), unet_config=pipe.unet.config)
     except Exception as e:
@@ -102,6 +131,11 @@ def _to_peft(handle: PipeHandle, state_dict: dict) -> tuple[dict[str, tuple[dict
         if comp.startswith("text_encoder") and model is not None:
             origin = lora_files.match_text_model_level(origin, model)
         weights = {k: converted[src] for k, src in origin.items()}
+        if dora_scales:
+            for module, scale in _dora_for(comp, weights, dora_scales).items():
+                weights[f"{module}.lora_magnitude_vector"] = scale
+                if comp in ("unet", "transformer"):
+                    converted[f"{comp}.{module}.lora_magnitude_vector"] = scale
         alphas = {k.split(".lora_A.")[0]: float(network_alphas[f"{src}.alpha"]) for k, src in origin.items()
                   if ".lora_A." in k and f"{src}.alpha" in network_alphas}
         result[comp] = (weights, alphas)

@@ -24,6 +24,8 @@ def read_file(path) -> tuple[dict, dict]:
 def cross_attention_width(state_dict: dict) -> Optional[int]:
     """Input width of a cross-attention key projection (attn2.to_k), whatever the key format."""
     for key, tensor in state_dict.items():
+        if key.endswith((".dora_scale", "lora_magnitude_vector")):
+            continue
         k = key.replace("_", ".")
         if "attn2" in k and "to.k" in k and ("down" in k or "lora.A" in k) and getattr(tensor, "ndim", 0) == 2:
             return int(tensor.shape[1])
@@ -74,6 +76,24 @@ def fold_alpha(peft_sd: dict, alpha: float) -> dict:
     return out
 
 
+DORA_MAGNITUDE = ".lora_magnitude_vector"
+_KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+
+
+def kohya_dora_scales(magnitudes: dict, peft_sd: dict) -> dict:
+    """DoRA magnitudes (PEFT `<component>.<module>.lora_magnitude_vector`, shape [out]) as kohya/LyCORIS
+    `<lora key>.dora_scale`, shaped [out, 1] (conv: [out, 1, 1, 1]): the output-axis layout ComfyUI's
+    `weight_decompose` broadcasts against the weight. diffusers' converter leaves these keys misnamed."""
+    out = {}
+    for key, value in magnitudes.items():
+        component, _, module = key[: -len(DORA_MAGNITUDE)].partition(".")
+        down = peft_sd.get(f"{component}.{module}.lora_A.weight")
+        ndim = down.ndim if down is not None else 2
+        out[f"{_KOHYA_PREFIX[component]}_{module.replace('.', '_')}.dora_scale"] = \
+            value.reshape(-1, *([1] * (ndim - 1))).contiguous()
+    return out
+
+
 def save(path, *, unet: dict, text_encoder: Optional[dict] = None, text_encoder_2: Optional[dict] = None,
          rank: int, alpha: float, metadata: Optional[dict] = None, fmt: str = "kohya") -> Path:
     """Write PEFT-keyed LoRA weights (as `get_peft_model_state_dict` gives them) to a safetensors file.
@@ -97,10 +117,12 @@ def save(path, *, unet: dict, text_encoder: Optional[dict] = None, text_encoder_
             sd = fold_alpha(sd, alpha)
         peft_sd.update({f"{prefix}.{k}": v for k, v in sd.items()})
     if fmt == "kohya":
+        magnitudes = {k: peft_sd.pop(k) for k in list(peft_sd) if k.endswith(DORA_MAGNITUDE)}
         out = convert_state_dict_to_kohya(peft_sd)
         for k in out:
             if k.endswith(".alpha"):
                 out[k] = out[k].new_tensor(float(alpha))
+        out.update(kohya_dora_scales(magnitudes, peft_sd))
     else:
         out = convert_state_dict_to_diffusers(peft_sd)
     out = {k: v.contiguous() for k, v in out.items()}
