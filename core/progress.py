@@ -32,6 +32,9 @@ class Progress:
             if info:
                 self._bar.set_postfix_str(info, refresh=False)
 
+    def preview(self, image) -> None:
+        """Show a PIL image while the work runs (ComfyUI's node preview); nothing in the terminal."""
+
     def interrupted(self) -> bool:
         return False
 
