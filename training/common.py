@@ -885,6 +885,52 @@ def save_loss_curve(losses, path, *, title: str = "training loss", metadata: Opt
     return save_png(img, path, meta), img
 
 
+def image_row(images: list):
+    """PIL images side by side (one validation, as a progress preview); None for none."""
+    from PIL import Image
+
+    if not images:
+        return None
+    w, h = images[0].size
+    row = Image.new("RGB", (w * len(images), h), "white")
+    for k, im in enumerate(images):
+        row.paste(im.convert("RGB").resize((w, h)), (k * w, 0))
+    return row
+
+
+VALIDATION_NAME = re.compile(r"^step-(\d+)-(\d+)\.png$")
+
+
+def validation_grid(folder, last_step: int, path, caption: str = ""):
+    """(PIL grid, path) of the validation images saved as <folder>/step-<step>-<nn>.png: one row per step up to
+    `last_step` (a resumed run's earlier steps included), written atomically to `path`; (None, None) when there
+    are none."""
+    from PIL import Image
+
+    from ..core.images import labelled_grid, save_png
+
+    folder = Path(folder)
+    rows: dict = {}
+    for p in sorted(folder.glob("step-*-*.png")) if folder.is_dir() else []:
+        m = VALIDATION_NAME.match(p.name)
+        if m and int(m.group(1)) <= last_step:
+            rows.setdefault(int(m.group(1)), []).append(p)
+    if not rows:
+        return None, None
+    cols = max(len(v) for v in rows.values())
+    images, labels = [], []
+    for step in sorted(rows):
+        for k in range(cols):
+            if k < len(rows[step]):
+                with Image.open(rows[step][k]) as im:
+                    images.append(im.convert("RGB"))
+            else:
+                images.append(Image.new("RGB", images[-1].size, "white"))
+            labels.append(f"step {step}" if k == 0 else "")
+    grid = labelled_grid(images, labels, columns=cols, caption=caption)
+    return grid, save_png(grid, path, {"steps": json.dumps(sorted(rows))})
+
+
 def describe(obj: Any) -> Any:
     """A JSON-able view of a config value (paths as strings, tuples as lists, handles by their source)."""
     if isinstance(obj, (str, int, float, bool)) or obj is None:

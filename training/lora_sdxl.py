@@ -1230,47 +1230,9 @@ class _Validator:
         return [im for _, _, im in pics]
 
     def grid(self, last_step: int):
-        """(PIL grid, path): one row per validation step up to `last_step` (those of a resumed run's earlier part
-        included), read back from the saved images, written to <run_dir>/validation_grid.png; (None, None) when
-        there are none."""
-        import re
-
-        from PIL import Image
-
-        rows: dict = {}
-        for path in sorted(self.folder.glob("step-*-*.png")) if self.folder.is_dir() else []:
-            m = re.match(r"^step-(\d+)-(\d+)\.png$", path.name)
-            if m and int(m.group(1)) <= last_step:
-                rows.setdefault(int(m.group(1)), []).append(path)
-        if not rows:
-            return None, None
-        cols = max(len(v) for v in rows.values())
-        images, labels = [], []
-        for step in sorted(rows):
-            for k in range(cols):
-                if k < len(rows[step]):
-                    with Image.open(rows[step][k]) as im:
-                        images.append(im.convert("RGB"))
-                else:
-                    images.append(Image.new("RGB", images[-1].size, "white"))
-                labels.append(f"step {step}" if k == 0 else "")
-        grid = images_mod.labelled_grid(images, labels, columns=cols,
-                                        caption=" | ".join(validation_prompts(self.c)))
-        path = images_mod.save_png(grid, self.run_dir / "validation_grid.png", {"steps": json.dumps(sorted(rows))})
-        return grid, path
-
-
-def _row(images: list):
-    """The images of one validation side by side (the progress preview)."""
-    from PIL import Image
-
-    if not images:
-        return None
-    w, h = images[0].size
-    row = Image.new("RGB", (w * len(images), h), "white")
-    for k, im in enumerate(images):
-        row.paste(im.convert("RGB").resize((w, h)), (k * w, 0))
-    return row
+        """(PIL, path) of the validation images over steps (see common.validation_grid)."""
+        return common.validation_grid(self.folder, last_step, self.run_dir / "validation_grid.png",
+                                      caption=" | ".join(validation_prompts(self.c)))
 
 
 def _save_lora(c: LoraTrainConfig, output: Path, handle, unet, text: _TextSide, tokens: list, step: int,
@@ -1370,7 +1332,7 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
 
         def validation_at(step: int) -> list:
             pics = validate(step)
-            ctl.preview(_row(pics))  # ComfyUI: the node's progress preview while it trains
+            ctl.preview(common.image_row(pics))  # ComfyUI: the node's progress preview while it trains
             tracker.images("validation", pics, step)
             return pics
 
