@@ -110,3 +110,48 @@ def test_command_line_flags_and_recipe(capsys):
     assert (script.train_batch_size, script.gradient_accumulation_steps, script.lr_warmup_steps) == (16, 1, 500)
     assert script.learning_rate == 3e-4 and script.random_flip is False and script.max_train_steps is None
     assert script.conditioning_dropout_prob is None and script.num_train_epochs == 100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets that interchange with diffusers
+
+
+def test_instruct_data_folder_loads_with_datasets_imagefolder(dataset):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset("imagefolder", data_dir=str(dataset))["train"]
+    # train_instruct_pix2pix.py's default columns, images decoded by datasets itself
+    assert {"input_image", "edit_prompt", "edited_image"} <= set(ds.column_names)
+    assert isinstance(ds.features["input_image"], datasets.Image) and isinstance(ds.features["edited_image"],
+                                                                                 datasets.Image)
+    from tunelab.core import instruct_data
+
+    pairs = instruct_data.read(dataset)  # and TuneLab reads the same folder without a mapping
+    assert len(ds) == len(pairs) == 6
+    for row, pair in zip(ds, pairs):
+        assert row["edit_prompt"] == pair.instruction
+        assert np.array_equal(np.asarray(row["input_image"].convert("RGB")), np.asarray(pair.images()[0]))
+
+
+def test_other_columns_are_refused_with_a_suggested_mapping(tmp_path):
+    from tunelab.core import instruct_data
+
+    folder = tmp_path / "hub_style"
+    folder.mkdir()
+    lines = []
+    for i in range(2):
+        _picture(i).save(folder / f"o{i}.png")
+        _picture(i + 5).save(folder / f"c{i}.png")
+        lines.append(json.dumps({"original_image_file_name": f"o{i}.png", "prompt": "Cartoonize it.",
+                                 "cartoon_file_name": f"c{i}.png"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(TuneLabError, match=r"--columns input=original_image,instruction=prompt,edited=cartoon"):
+        instruct_data.read(folder)
+    pairs = instruct_data.read(folder, columns="input=original_image,instruction=prompt,edited=cartoon")
+    assert [p.input_path.name for p in pairs] == ["o0.png", "o1.png"]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"original_image_file_name": f"o{i}.png",
+                                                               "edit_prompt": "Cartoonize it.",
+                                                               "cartoonized_image_file_name": f"c{i}.png"}) + "\n"
+                                                   for i in range(2)))
+    with pytest.raises(TuneLabError, match="preset 'cartoonization'"):
+        instruct_data.read(folder)
+    assert len(instruct_data.read(folder, columns="cartoonization")) == 2
