@@ -1143,8 +1143,11 @@ class _Loop:
                 accelerator.backward(loss)
                 cycle_losses.append(float(loss.detach().float().item()))
         if not cycle_bad and accelerator.sync_gradients:
-            norm = accelerator.clip_grad_norm_([p for p in self.adapted.trainable.values() if p.requires_grad],
-                                               self.c.max_grad_norm)
+            params = [p for p in self.adapted.trainable.values() if p.requires_grad]
+            if self.env.world == 1 and self.scaler is None:  # one fused pass over the LoRA's many small tensors
+                norm = torch.nn.utils.clip_grad_norm_(params, self.c.max_grad_norm, foreach=True)
+            else:  # accelerate unscales fp16 gradients and reduces across processes first
+                norm = accelerator.clip_grad_norm_(params, self.c.max_grad_norm)
             if self.scaler is None and norm is not None and not self.all_true(bool(torch.isfinite(norm).item())):
                 cycle_bad = not ctl.finite(float("inf"))  # counted like a non-finite loss
             self.grad_norm = float(norm) if norm is not None else None
