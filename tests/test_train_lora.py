@@ -381,11 +381,18 @@ def test_node_trains_into_loras_folder(tiny_sdxl, tmp_path, monkeypatch):
         node.train(tiny_sdxl, "tunelab/ds", "../escape", "wrong", 1, 1e-3, 4, 64, 4, 1, 0)
     out = node.train(tiny_sdxl, str(tmp_path / "output" / "tunelab" / "ds"), "tunelab/mine", "wrong", 2, 1e-3, 4,
                      64, 4, 1, 0, validation_inference_steps=1)
-    lora_pipe, name, curve, validation = out["result"]
+    lora_pipe, name, curve, validation, grid = out["result"]
     assert name == "tunelab/mine.safetensors"
     assert (tmp_path / "models" / "loras" / "tunelab" / "mine.safetensors").is_file()
     assert lora_pipe.loras[-1].name == name and not tiny_sdxl.loras
     assert curve.shape == (1, 360, 640, 3) and validation.shape == (1, 64, 64, 3)
+    assert grid.shape[0] == 1 and grid.shape[2] == 64 and grid.shape[1] > 64  # the seed's prompt, final step
+    spec = TrainLora.INPUT_TYPES()
+    for section in spec.values():
+        for input_name, entry in section.items():
+            assert entry[1].get("tooltip"), f"{input_name} has no tooltip"
+    assert "the seed's; the script's is 4" in spec["required"]["train_batch_size"][1]["tooltip"]
+    assert "the script's" in spec["required"]["learning_rate"][1]["tooltip"]
     assert out["ui"]["images"][0]["subfolder"] == "tunelab/train/tunelab/mine"
 
 
