@@ -112,3 +112,40 @@ def delete(model, name: str) -> None:
         if not cfg:
             del model.peft_config
             model._hf_peft_config_loaded = False
+
+
+# DoRA in kohya files. peft (and LyCORIS, and diffusers) scale each output row of W + dW to the learned magnitude
+# m: m * (W + dW) / ||W + dW||. ComfyUI's LoraLoader (weight_decompose, output-axis `.dora_scale`) divides by the
+# base weight's row norm instead: dora_scale * (W + dW) / ||W||. TuneLab's kohya files therefore hold
+# dora_scale = m * ||W|| / ||W + dW||, so ComfyUI applies the trained weights exactly (metadata
+# tunelab_dora_scale=base_norm); TuneLab's reader turns it back into m. The diffusers copy holds m itself.
+DORA_SCALE_BASE_NORM = "base_norm"
+
+
+def dora_norm_ratios(model, adapter: str) -> dict:
+    """{module name: ||W|| / ||W + dW|| per output row, shape [out]} for every DoRA layer of `adapter` in `model`."""
+    import torch
+
+    out = {}
+    for name, layer in model.named_modules():
+        mags = getattr(layer, "lora_magnitude_vector", None)
+        if not mags or adapter not in mags:
+            continue
+        with torch.no_grad():
+            w = layer.get_base_layer().weight.float()
+            merged = w + layer.get_delta_weight(adapter).float()
+            rows = w.shape[0]
+            out[name] = w.reshape(rows, -1).norm(dim=1) / merged.reshape(rows, -1).norm(dim=1).clamp_min(1e-12)
+    return out
+
+
+def dora_from_base_norm(model, adapter: str) -> int:
+    """Turn the magnitudes of `adapter` (loaded from a base_norm kohya file) into peft's; returns the layers done."""
+    import torch
+
+    ratios = dora_norm_ratios(model, adapter)
+    with torch.no_grad():
+        for name, ratio in ratios.items():
+            p = model.get_submodule(name).lora_magnitude_vector[adapter].weight
+            p.copy_((p.float() / ratio.to(p.device)).to(p.dtype))
+    return len(ratios)

@@ -188,7 +188,7 @@ def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = 
     adapter = f"tl_{sha[:16]}"
     with _LOCK:
         if adapter not in loaded_adapters(handle.pipe):
-            _apply(handle, state_dict, adapter, name)
+            _apply(handle, state_dict, adapter, name, metadata)
             # loading activates the new adapter; nothing runs until activate() picks a handle's stack
             handle.pipe.disable_lora()
         tokens = apply_embeddings(handle, embeddings) if embeddings else ()
@@ -196,7 +196,7 @@ def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = 
     return handle.with_lora(ref)
 
 
-def _apply(handle: PipeHandle, state_dict: dict, adapter: str, name: str) -> None:
+def _apply(handle: PipeHandle, state_dict: dict, adapter: str, name: str, metadata: Optional[dict] = None) -> None:
     """Load the file's weights into the shared pipe as adapter `adapter`: the UNet part with diffusers'
     `load_lora_into_unet` (what `load_lora_weights` does), each text-encoder part with peft itself (`adapters`),
     since diffusers' text-encoder path goes through transformers' PEFT gate. All or nothing."""
@@ -221,6 +221,10 @@ def _apply(handle: PipeHandle, state_dict: dict, adapter: str, name: str) -> Non
             weights, alphas = parts[comp]
             config = adapters.lora_config(weights, alphas, init_lora_weights=False, inference_mode=True)
             adapters.add(model, config, adapter, weights)
+        if (metadata or {}).get("tunelab_dora_scale") == adapters.DORA_SCALE_BASE_NORM:  # see core.adapters
+            for comp in ("unet", "text_encoder", "text_encoder_2"):
+                if getattr(pipe, comp, None) is not None:
+                    adapters.dora_from_base_norm(getattr(pipe, comp), adapter)
     except Exception as e:
         remove(handle.pipe, adapter)
         raise TuneLabError(f"could not apply '{name}': {e}", input_name="lora") from e
