@@ -27,7 +27,7 @@ HELP = {
     "shuffle_tags": "shuffle each caption's comma-separated tags every step",
     "keep_tags": "with --shuffle-tags, keep the first N tags in place",
     "alpha": "lora_alpha (default: the rank, i.e. scale 1)",
-    "use_dora": "DoRA (peft use_dora); saved as kohya .dora_scale keys, which ComfyUI's LoraLoader maps",
+    "use_dora": "DoRA (peft use_dora); saved as kohya .dora_scale keys that ComfyUI's LoraLoader applies exactly",
     "train_text_encoder": "also train LoRA on both text encoders (q/k/v/out_proj)",
     "max_train_steps": "optimizer steps (0 = use --num-train-epochs)",
     "mixed_precision": "auto (follow the weights), no, fp16 or bf16",

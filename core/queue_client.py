@@ -287,6 +287,19 @@ class RunResult:
     seconds: float = 0.0
 
 
+PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
+_IMAGE_TYPES = {1: "JPEG", 2: "PNG"}
+
+
+def parse_preview_frame(raw: bytes) -> Optional[tuple]:
+    """(format, image bytes) of a binary /ws frame that is a preview image (4-byte event type 1, 4-byte image type
+    1 JPEG / 2 PNG, then the image), else None."""
+    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != PREVIEW_IMAGE:
+        return None
+    kind = _IMAGE_TYPES.get(int.from_bytes(raw[4:8], "big"))
+    return (kind, bytes(raw[8:])) if kind else None
+
+
 def normalize_server(server: str) -> str:
     server = server.strip().rstrip("/")
     if "://" not in server:
@@ -409,9 +422,11 @@ class ComfyClient:
 
     def wait(self, ws, prompt_id: str, *, timeout: Optional[float] = None,
              on_event: Optional[Callable[[str, dict], None]] = None, poll: float = 0.5,
-             quiet_check: float = 10.0) -> str:
+             quiet_check: float = 10.0, on_preview: Optional[Callable[[str, bytes], None]] = None) -> str:
         """Follow `prompt_id` until it ends; returns "success" or raises ExecutionFailed / ExecutionInterrupted /
-        QueueTimeout. Asks /history when the websocket drops, or stays silent for `quiet_check` seconds."""
+        QueueTimeout. Asks /history when the websocket drops, or stays silent for `quiet_check` seconds.
+        `on_preview(format, image bytes)` gets the binary preview frames ("JPEG"/"PNG"), e.g. a training node's
+        validation images while it runs."""
         websocket = _websocket_module()
         deadline = None if timeout is None else time.monotonic() + timeout
         if ws is not None:
@@ -438,8 +453,13 @@ class ComfyClient:
             except (websocket.WebSocketException, OSError):
                 ws = None  # the socket dropped: ask /history instead
                 continue
-            if isinstance(raw, bytes) or not raw:
-                continue  # binary preview frames
+            if isinstance(raw, bytes):
+                frame = parse_preview_frame(raw)
+                if frame and on_preview:
+                    on_preview(*frame)
+                continue
+            if not raw:
+                continue
             try:
                 msg = json.loads(raw)
             except ValueError:
@@ -521,7 +541,8 @@ class ComfyClient:
     def run(self, graph: Mapping, *, out_dir=None, prefix: str = "", timeout: Optional[float] = None,
             on_event: Optional[Callable[[str, dict], None]] = None,
             on_submit: Optional[Callable[[str], None]] = None,
-            on_warning: Optional[Callable[[str], None]] = None) -> RunResult:
+            on_warning: Optional[Callable[[str], None]] = None,
+            on_preview: Optional[Callable[[str, bytes], None]] = None) -> RunResult:
         """Submit, follow to the end, download the images. A timeout cancels the prompt before raising."""
         start = time.monotonic()
         ws = self.connect()
@@ -530,7 +551,7 @@ class ComfyClient:
             if on_submit:
                 on_submit(prompt_id)
             try:
-                status = self.wait(ws, prompt_id, timeout=timeout, on_event=on_event)
+                status = self.wait(ws, prompt_id, timeout=timeout, on_event=on_event, on_preview=on_preview)
             except QueueTimeout:
                 try:
                     self.cancel(prompt_id)

@@ -114,10 +114,9 @@ class TrainLora:
             "target_modules": ("STRING", {"default": "to_k,to_q,to_v,to_out.0", "tooltip":
                                "UNet modules that get LoRA, comma-separated." + _from(t, "target_modules")}),
             "use_dora": _bool(False, "DoRA (peft use_dora): a learned magnitude per output row besides the low-rank "
-                                     "update. Saved as kohya .dora_scale keys, which ComfyUI's LoraLoader maps; "
-                                     "ComfyUI normalises by the base weight's row norm where peft uses the adapted "
-                                     "weight's, so in ComfyUI a DoRA applies slightly differently from how it "
-                                     "trained (TuneLab Load LoRA and the diffusers copy apply it exactly)."),
+                                     "update. Saved as kohya .dora_scale keys in the convention of ComfyUI's "
+                                     "LoraLoader, which then applies the trained weights exactly (so do TuneLab "
+                                     "Load LoRA and the diffusers copy; diffusers' own loader drops .dora_scale)."),
             "optimizer": (list(common.OPTIMIZERS), {"default": "adamw", "tooltip":
                           "adamw (torch, fused); adamw8bit (needs bitsandbytes); prodigy (needs prodigyopt; it "
                           "adapts the step size, use learning_rate about 1.0)." + _from(t, "optimizer")}),

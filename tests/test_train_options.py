@@ -341,3 +341,21 @@ def test_tensorboard_logs_loss_lr_grad_norm_and_images(tiny_sdxl, data_dir, tmp_
     assert {"loss", "lr", "grad_norm"} <= set(tags["scalars"]) and "validation" in tags["images"]
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     assert [round(e.value, 5) for e in acc.Scalars("loss")] == [round(v, 5) for v in r.losses]
+
+
+def test_dora_files_load_back_exactly(tiny_sdxl, data_dir, tmp_path):
+    """The kohya file (ComfyUI's dora_scale convention) and the diffusers copy (peft's magnitudes) give TuneLab the
+    same weights, which differ from the base model's."""
+    from tunelab.core import prompt, sampling
+
+    r = train(LoraTrainConfig(data_dir=str(data_dir), output=str(tmp_path / "d.safetensors"), model=tiny_sdxl,
+                              use_dora=True, train_text_encoder=True, text_encoder_lr=1e-2, save_diffusers_copy=True,
+                              **dict(BASE, max_train_steps=3)))
+    assert lora.read_file(r.lora_path)[1]["tunelab_dora_scale"] == "base_norm"
+
+    def image(handle):
+        return sampling.generate(handle, prompt.encode(handle, "wrong", ""), seed=1, steps=2, width=64, height=64)
+
+    kohya, diffusers_copy = image(lora.load(tiny_sdxl, r.lora_path)), image(lora.load(tiny_sdxl, r.diffusers_path))
+    assert torch.allclose(kohya, diffusers_copy, atol=1e-5)
+    assert not torch.allclose(kohya, image(tiny_sdxl), atol=1e-3)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core import images as images_mod
+from ..core.adapters import DORA_SCALE_BASE_NORM
 from ..core.errors import TuneLabError
 from . import common
 
@@ -1238,6 +1239,18 @@ class _Validator:
                                       caption=" | ".join(validation_prompts(self.c)))
 
 
+def _base_norm_scales(model, sd: dict) -> dict:
+    """`sd` with each DoRA magnitude m as ComfyUI's .dora_scale: m * ||W|| / ||W + dW|| (core.adapters)."""
+    from ..core import adapters
+
+    ratios = adapters.dora_norm_ratios(model, common.TRAIN_ADAPTER)
+    out = dict(sd)
+    for key, value in sd.items():
+        if key.endswith(".lora_magnitude_vector"):
+            out[key] = value * ratios[key[: -len(".lora_magnitude_vector")]].to(value.device, value.dtype)
+    return out
+
+
 def _save_lora(c: LoraTrainConfig, output: Path, handle, unet, text: _TextSide, tokens: list, step: int,
                alpha: float) -> dict:
     """Embeddings and the diffusers copy first, the LoRA last (its presence means "complete"). Returns the paths
@@ -1272,13 +1285,20 @@ def _save_lora(c: LoraTrainConfig, output: Path, handle, unet, text: _TextSide, 
         paths["embeddings"] = emb_path
         metadata["tunelab_embeddings"] = emb_path.name
         metadata["tunelab_tokens"] = json.dumps(tokens)
-    if c.save_diffusers_copy:
+    if c.save_diffusers_copy:  # peft's own DoRA magnitudes
         dpath = output.with_name(output.stem + "_diffusers.safetensors")
         lora_mod.save(dpath, unet=unet_sd, text_encoder=te1_sd, text_encoder_2=te2_sd, rank=c.rank,
                       alpha=alpha, metadata=metadata, fmt="diffusers")
         paths["diffusers"] = dpath
+    kohya_meta = dict(metadata)
+    if c.use_dora:  # ComfyUI's convention for .dora_scale, so its LoraLoader applies the trained weights exactly
+        unet_sd = _base_norm_scales(unet, unet_sd)
+        if c.train_text_encoder:
+            te1_sd = _base_norm_scales(text.text_encoders[0], te1_sd)
+            te2_sd = _base_norm_scales(text.text_encoders[1], te2_sd)
+        kohya_meta["tunelab_dora_scale"] = DORA_SCALE_BASE_NORM
     lora_mod.save(output, unet=unet_sd, text_encoder=te1_sd, text_encoder_2=te2_sd, rank=c.rank,
-                  alpha=alpha, metadata=metadata, fmt="kohya")
+                  alpha=alpha, metadata=kohya_meta, fmt="kohya")
     paths["metadata"] = metadata
     return paths
 
