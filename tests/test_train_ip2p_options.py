@@ -71,6 +71,10 @@ def test_epochs_max_train_samples_scale_lr_and_adam_settings(dataset, tmp_path):
 
 def test_eight_bit_adam_trains_and_resumes_exactly(dataset, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
+    from test_train_options import bnb_runs_here
+
+    if not bnb_runs_here():
+        pytest.skip("this bitsandbytes cannot run 8-bit AdamW on a CPU")
     import functools
 
     import bitsandbytes.optim as bnb_optim

@@ -160,10 +160,34 @@ _PATCH_8BIT = ("import functools, bitsandbytes.optim as o; "
                "o.AdamW8bit = functools.partial(o.AdamW8bit, min_8bit_size=1)")  # 8-bit state for tiny tensors too
 
 
+def bnb_runs_here() -> bool:
+    """bitsandbytes installed and able to step 8-bit AdamW on the CPU (its CPU backend came with 0.45+)."""
+    try:
+        common.make_optimizer("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(8))], "lr": 1e-3}],
+                              betas=(0.9, 0.999), eps=1e-8, device="cpu")
+    except (ImportError, TuneLabError):
+        return False
+    return True
+
+
 def _needs(kind):
     pkg = {"prodigy": "prodigyopt", "adamw8bit": "bitsandbytes"}.get(kind)
     if pkg:
         pytest.importorskip(pkg)
+    if kind == "adamw8bit" and not bnb_runs_here():
+        pytest.skip("this bitsandbytes cannot run 8-bit AdamW on a CPU (test_8bit_refusal covers the message)")
+
+
+def test_8bit_refusal_names_the_device_when_bitsandbytes_cannot_run(monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", broken)
+    with pytest.raises(TuneLabError, match="cannot run 8-bit AdamW on cpu.*no kernel"):
+        common.make_optimizer("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(8))], "lr": 1e-3}],
+                              betas=(0.9, 0.999), eps=1e-8, device="cpu")
 
 
 def _cli_args(data, out, kind, steps):
