@@ -383,3 +383,27 @@ def test_dora_files_load_back_exactly(tiny_sdxl, data_dir, tmp_path):
     kohya, diffusers_copy = image(lora.load(tiny_sdxl, r.lora_path)), image(lora.load(tiny_sdxl, r.diffusers_path))
     assert torch.allclose(kohya, diffusers_copy, atol=1e-5)
     assert not torch.allclose(kohya, image(tiny_sdxl), atol=1e-3)
+
+
+def test_lora_command_line_recipe_and_default_origins(capsys):
+    from tunelab import cli
+    from tunelab.cli import train_lora
+
+    with pytest.raises(SystemExit):
+        cli.main(["train-lora", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the seed's; the script's is 4" in text and "--recipe {seed,script}" in text
+    for flag in ("--optimizer {adamw,adamw8bit,prodigy}", "--prodigy-safeguard-warmup", "--scale-lr", "--use-dora",
+                 "--aspect-buckets", "--caption-dropout", "--shuffle-tags", "--keep-tags", "--report-to"):
+        assert flag in text, flag
+    parser = cli.build_parser()
+    seed = train_lora.config_from_args(parser.parse_args(["train-lora", "--data", "d", "--out", "o.safetensors"]))
+    script = train_lora.config_from_args(parser.parse_args(
+        ["train-lora", "--data", "d", "--out", "o.safetensors", "--recipe", "script", "--train-batch-size", "2",
+         "--validation-prompt", "a cat", "--validation-prompt", "a dog", "--no-prodigy-safeguard-warmup"]))
+    assert (seed.train_batch_size, seed.gradient_accumulation_steps, seed.lr_warmup_steps, seed.max_train_steps,
+            seed.validation_negative) == (1, 4, 0, 500, "wrong")
+    assert (script.train_batch_size, script.gradient_accumulation_steps, script.lr_warmup_steps,
+            script.max_train_steps, script.validation_negative) == (2, 1, 500, None, "")
+    assert script.validation_prompt == "a cat\na dog" and script.prodigy_safeguard_warmup is False
+    assert seed.cache_latents is None  # auto: cached
