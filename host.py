@@ -156,6 +156,9 @@ def interrupted() -> bool:
     return bool(c is not None and c[1].processing_interrupted())
 
 
+PREVIEW_MAX_SIZE = 512  # longest side of a progress preview, as ComfyUI's latent previews
+
+
 class ComfyProgress(Progress):
     """ComfyUI's progress bar; `check()` raises ComfyUI's own interrupt exception so the run ends as
     `execution_interrupted`, not as an error. It writes no log lines: ComfyUI shows the bar itself."""
@@ -173,6 +176,11 @@ class ComfyProgress(Progress):
             self._pbar.update_absolute(self.value, self.total)
             if info:
                 _progress_text(info)
+
+    def preview(self, image) -> None:
+        """The image in the running node's progress preview (sent to the browser as a JPEG frame over /ws)."""
+        if self._pbar is not None and image is not None:
+            self._pbar.update_absolute(self.value, self.total, ("JPEG", image.convert("RGB"), PREVIEW_MAX_SIZE))
 
     def interrupted(self) -> bool:
         return interrupted()

@@ -1,68 +1,87 @@
 """`python -m tunelab train-ip2p` (also `python -m tunelab.training ip2p`): InstructPix2Pix fine-tuning, full or
-LoRA, from a terminal. Every flag maps onto a field of `training.ip2p.Ip2pTrainConfig`."""
+LoRA, from a terminal. Every field of `training.ip2p.Ip2pTrainConfig` is a flag; the defaults are the seed's runs
+(`--help` says for each whose it is) and `--recipe script` takes train_instruct_pix2pix.py's own defaults."""
 from __future__ import annotations
 
-from .args import add_device, split_list
+import dataclasses
+
+from .args import add_config_flags, add_device, split_list
+
+HELP = {
+    "mode": "full: train the whole UNet (a pipeline folder); lora: a LoRA on an InstructPix2Pix model",
+    "model": "InstructPix2Pix or SD1.x model",
+    "columns": "dataset column preset or mapping (input=COL,instruction=COL,edited=COL); the imagefolder layout "
+               "(*_file_name columns) is read without one",
+    "split": "train on this split when the dataset has one",
+    "resolution": "training size, both images of a pair resized to it (256, the seed's; on a tiny preset the dataset's smallest side)",
+    "allow_upscale": "accept pairs smaller than the resolution, upscaled with a warning (default: refused)",
+    "random_flip": "flip pairs horizontally (both images together)",
+    "conditioning_dropout_prob": "drop the instruction / the image with this probability each (0: none)",
+    "max_train_steps": "optimizer steps (0 = use --num-train-epochs)",
+    "max_train_samples": "train on this many pairs, drawn by a shuffle seeded with --seed",
+    "use_ema": "keep an EMA of the trained weights and save it (diffusers' EMAModel)",
+    "use_8bit_adam": "8-bit AdamW (bitsandbytes)",
+    "scale_lr": "multiply the learning rate by batch x accumulation",
+    "save_diffusers_copy": "LoRA mode: also write <out stem>_diffusers.safetensors (diffusers keys)",
+    "validation_image": "an image to edit with --validation-prompt during the run",
+    "validation_prompt": "the instruction of the validation edits",
+    "validation_steps": "validate every N steps (0 = only at the end)",
+    "validation_seed": "seed of the validation edits, the same at every validation (default: --seed)",
+    "report_to": "none, or tensorboard: loss, lr, grad norm and validation edits in <run dir>/logs",
+}
+_OWN = {"data_dir", "output", "dtype", "device", "run_dir", "resume", "target_modules"}
 
 
 def add_arguments(p) -> None:
     from ..training import common
-    from ..training.ip2p import LR_SCHEDULERS, MODES, Ip2pTrainConfig
+    from ..training.ip2p import (LR_SCHEDULERS, MODES, RECIPES, SCRIPT, SCRIPT_RECIPE, Ip2pTrainConfig,
+                                 default_origin)
 
-    d = Ip2pTrainConfig("", "")
     p.add_argument("--data", required=True, help="instruction dataset folder (metadata.jsonl)")
     p.add_argument("--out", required=True, help="new folder for the fine-tuned pipeline (diffusers format); with "
                                                 "--mode lora the LoRA file to write (.safetensors, kohya keys)")
-    p.add_argument("--mode", default=d.mode, choices=MODES,
-                   help="full: train the whole UNet; lora: a LoRA on an InstructPix2Pix model (default %(default)s)")
-    p.add_argument("--model", default=d.model, help="InstructPix2Pix or SD1.x model (default %(default)s)")
-    p.add_argument("--columns", default=d.columns, help="dataset column preset or mapping (default %(default)s)")
-    p.add_argument("--split", default=d.split, help="train on this split when the dataset has one (default train)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="training size, both images of a pair resized to it (default 256; on a tiny preset the "
-                        "dataset's smallest side)")
-    p.add_argument("--allow-upscale", action="store_true",
-                   help="accept pairs smaller than the resolution, upscaled with a warning (default: refused)")
-    for name, kind in (("conditioning_dropout_prob", float), ("learning_rate", float),
-                       ("lr_warmup_steps", int), ("max_train_steps", int), ("train_batch_size", int),
-                       ("gradient_accumulation_steps", int), ("max_grad_norm", float), ("seed", int),
-                       ("checkpointing_steps", int), ("checkpoints_total_limit", int), ("rank", int),
-                       ("lora_alpha", float)):
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
-                       help=f"(default {getattr(d, name)})")
-    p.add_argument("--target-modules", default=",".join(d.target_modules),
+    p.add_argument("--recipe", default="seed", choices=RECIPES,
+                   help=f"defaults for {', '.join(sorted(SCRIPT_RECIPE))}: seed (the seed's runs; default) or "
+                        f"script ({SCRIPT}'s own argparse defaults); flags given still win")
+    p.add_argument("--target-modules", default=",".join(Ip2pTrainConfig.target_modules),
                    help="UNet modules with LoRA, comma-separated (default %(default)s)")
-    p.add_argument("--use-ema", action="store_true",
-                   help="keep an EMA of the trained weights and save it (diffusers' EMAModel)")
-    p.add_argument("--save-diffusers-copy", action="store_true",
-                   help="LoRA mode: also write <out stem>_diffusers.safetensors (diffusers keys)")
-    p.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=LR_SCHEDULERS)
-    p.add_argument("--no-random-flip", action="store_true", help="do not flip pairs (default: random flip)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=common.MIXED_PRECISION)
+    add_config_flags(p, Ip2pTrainConfig, skip=_OWN, help_text=HELP, origin=default_origin,
+                     recipe_keys=set(SCRIPT_RECIPE),
+                     choices={"mode": MODES, "lr_scheduler": LR_SCHEDULERS, "mixed_precision": common.MIXED_PRECISION,
+                              "report_to": common.REPORT_TO},
+                     optional_types={"conditioning_dropout_prob": float, "max_train_steps": int,
+                                     "max_train_samples": int, "checkpoints_total_limit": int, "lora_alpha": float,
+                                     "validation_image": str, "validation_prompt": str, "validation_seed": int, "resolution": int,
+                                     "model": str})
     add_device(p)
     p.add_argument("--run-dir", default=None,
                    help="checkpoints and loss curve (default: <out>_run; LoRA: <out stem>_run)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
 
 
-def run(args) -> int:
-    from ..training.ip2p import Ip2pTrainConfig, train
+def config_from_args(args):
+    from ..training.ip2p import Ip2pTrainConfig, recipe_values
 
-    cfg = Ip2pTrainConfig(
-        data_dir=args.data, output=args.out, model=args.model, columns=args.columns, split=args.split or None,
-        resolution=args.resolution, allow_upscale=args.allow_upscale, conditioning_dropout_prob=args.conditioning_dropout_prob,
-        learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
-        max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-        seed=args.seed, checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit, random_flip=not args.no_random_flip,
-        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, dtype=args.dtype,
-        device=args.device, run_dir=args.run_dir, resume=args.resume, use_ema=args.use_ema, mode=args.mode,
-        rank=args.rank, lora_alpha=args.lora_alpha, save_diffusers_copy=args.save_diffusers_copy,
-        target_modules=split_list(args.target_modules))
-    result = train(cfg)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Ip2pTrainConfig)
+              if f.name not in _OWN and hasattr(args, f.name)}
+    for name, value in recipe_values(getattr(args, "recipe", "seed")).items():
+        values.setdefault(name, value)
+    if values.get("max_train_steps") == 0:
+        values["max_train_steps"] = None
+    if not values.get("split"):
+        values["split"] = None
+    return Ip2pTrainConfig(data_dir=args.data, output=args.out, dtype=args.dtype, device=args.device,
+                           run_dir=args.run_dir, resume=args.resume, target_modules=split_list(args.target_modules),
+                           **values)
+
+
+def run(args) -> int:
+    from ..training.ip2p import train
+
+    result = train(config_from_args(args))
     print(f"trained {result.steps} step(s); wrote {result.output} and {result.loss_curve_png}")
     if result.diffusers_path:
         print(f"wrote diffusers copy {result.diffusers_path}")
+    if result.validation_grid_png:
+        print(f"validation edits in {result.run_dir / 'validation'}; grid over steps {result.validation_grid_png}")
     return 0

@@ -1,83 +1,96 @@
 """`python -m tunelab train-lora`: Dreambooth LoRA for SDXL from a terminal (also `python -m tunelab.training lora`,
 which `accelerate launch -m tunelab.training lora ...` runs on several GPUs).
 
-Every option of `training.lora_sdxl.LoraTrainConfig` is a flag (`rank` -> `--rank`); defaults are diffusers'.
+Every option of `training.lora_sdxl.LoraTrainConfig` is a flag (`rank` -> `--rank`). The defaults are the seed's
+recipe (the README run of train_dreambooth_lora_sdxl.py that the wrong LoRA followed, used with `wrong` in the
+negative prompt); `--help` says for each default whose it is, and `--recipe script` takes the script's own argparse
+defaults for all of them at once (flags given on the command line still win).
 """
 from __future__ import annotations
 
 import dataclasses
 
-from .args import add_device, add_model, add_vae, split_list
+from .args import add_config_flags, add_device, add_model, add_vae, split_list
 
-# flags with their own spelling or help; every other config field gets `--field-name` and "(default: X)"
+# flags with their own help; every other config field gets `--field-name` and its default with its origin
 HELP = {
-    "instance_prompt": "the word the LoRA learns (default: wrong); with pivotal tuning it holds the token abstraction",
+    "instance_prompt": "the word the LoRA learns; with pivotal tuning it holds the token abstraction",
     "use_captions": "train on each image's 'text' from metadata.jsonl instead of the instance prompt",
-    "resolution": "training size in pixels, a multiple of 8 (default: 1024; on a tiny preset the dataset's "
-                  "smallest side, so a tiny synth dataset trains as it is)",
-    "allow_upscale": "accept images smaller than the resolution, upscaled with a warning (default: refused)",
+    "resolution": "training size in pixels, a multiple of 8 (1024; on a tiny preset the dataset's smallest side, so a "
+                  "tiny synth dataset trains as it is; with --aspect-buckets: the pixel budget's side)",
+    "allow_upscale": "accept images smaller than the resolution (or their bucket); refused otherwise",
+    "aspect_buckets": "SDXL aspect-ratio buckets: each image keeps its aspect ratio within resolution^2 pixels, "
+                      "with its own original size / crop / target size conditioning; batches stay within a bucket",
+    "bucket_step": "bucket sides are multiples of this (at least 32 for SDXL)",
+    "min_bucket_side": "smallest bucket side (default: resolution/4)",
+    "max_bucket_side": "largest bucket side (default: 2 x resolution)",
+    "caption_dropout": "probability that a caption is replaced by the empty one, per image and step",
+    "shuffle_tags": "shuffle each caption's comma-separated tags every step",
+    "keep_tags": "with --shuffle-tags, keep the first N tags in place",
     "alpha": "lora_alpha (default: the rank, i.e. scale 1)",
-    "target_modules": "UNet modules with LoRA, comma-separated (default: to_k,to_q,to_v,to_out.0)",
+    "use_dora": "DoRA (peft use_dora); saved as kohya .dora_scale keys that ComfyUI's LoraLoader applies exactly",
     "train_text_encoder": "also train LoRA on both text encoders (q/k/v/out_proj)",
-    "max_train_steps": "optimizer steps (default: 500; 0 = use --num-train-epochs)",
-    "mixed_precision": "auto (follow the weights), no, fp16 or bf16 (default: auto)",
-    "cache_latents": "encode the images with the VAE once instead of every step",
+    "max_train_steps": "optimizer steps (0 = use --num-train-epochs)",
+    "mixed_precision": "auto (follow the weights), no, fp16 or bf16",
+    "cache_latents": "encode each image with the VAE once (auto: yes; images are prepared once, so their latents "
+                     "never change)",
+    "optimizer": "adamw; adamw8bit (bitsandbytes); prodigy (prodigyopt; use a learning rate near 1.0)",
+    "use_8bit_adam": "the script's spelling of --optimizer adamw8bit",
+    "scale_lr": "multiply the learning rates by batch x accumulation x processes",
     "pivotal_tuning": "also learn new tokens <s0><s1>.. for --token-abstraction (saved as <out>_emb.safetensors)",
     "with_prior_preservation": "regularise with class images (generated into --class-data-dir when missing)",
-    "checkpointing_steps": "save a checkpoint every N steps (default: 500; 0 = only on interrupt)",
-    "validation_prompt": "sample validation images with the trained LoRA from this prompt",
+    "checkpointing_steps": "save a checkpoint every N steps (0 = only on interrupt)",
+    "validation_prompt": "sample validation images with the LoRA from this prompt (repeat the flag for several)",
+    "validation_negative": "negative prompt of the validation images",
+    "validation_steps": "also validate every N steps (0 = only at the end)",
+    "validation_seed": "seed of the validation images, the same at every validation (default: --seed)",
+    "report_to": "none, or tensorboard: loss, lr, grad norm and validation images in <run dir>/logs",
     "save_diffusers_copy": "also write <out>_diffusers.safetensors with diffusers keys",
     "snr_gamma": "Min-SNR weighting gamma, e.g. 5 (default: off)",
-    "use_8bit_adam": "8-bit AdamW (needs bitsandbytes and a GPU)",
 }
-_OWN = {"data_dir", "output", "model", "vae", "dtype", "device", "run_dir", "resume", "target_modules"}
-_OPTIONAL_FLOATS = {"alpha", "snr_gamma", "embedding_lr"}
-_OPTIONAL_INTS = {"max_train_steps", "checkpoints_total_limit", "resolution"}
+_OWN = {"data_dir", "output", "model", "vae", "dtype", "device", "run_dir", "resume", "target_modules",
+        "validation_prompt"}
 
 
 def add_arguments(p) -> None:
-    from ..training.lora_sdxl import LoraTrainConfig
+    from ..training import common
+    from ..training.lora_sdxl import (LR_SCHEDULERS, RECIPES, SCRIPT, SCRIPT_RECIPE, LoraTrainConfig,
+                                      default_origin)
 
     p.add_argument("--data", required=True, help="dataset folder: images + optional metadata.jsonl (file_name, text)")
     p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, kohya keys)")
     add_model(p, "tiny-sdxl", "SDXL base")
     add_vae(p)
     add_device(p, accelerate=True)
+    p.add_argument("--recipe", default="seed", choices=RECIPES,
+                   help=f"defaults for {', '.join(sorted(SCRIPT_RECIPE))}: seed (the README run the wrong LoRA "
+                        f"followed; default) or script ({SCRIPT}'s own argparse defaults); flags given still win")
     p.add_argument("--run-dir", default=None, help="checkpoints, loss curve and validation images "
                                                    "(default: <out stem>_run beside --out)")
     p.add_argument("--resume", default=None, help="'latest' (newest complete checkpoint in the run dir) or a "
                                                   "checkpoint folder; refused if incompatible")
-    p.add_argument("--target-modules", default=",".join(LoraTrainConfig.target_modules), help=HELP["target_modules"])
-    for f in dataclasses.fields(LoraTrainConfig):
-        if f.name in _OWN:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        text = HELP.get(f.name, f.name.replace("_", " "))
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=text)
-        elif f.name in _OPTIONAL_FLOATS:
-            p.add_argument(flag, type=float, default=default, help=f"{text} (default: {default})")
-        elif f.name in _OPTIONAL_INTS:
-            p.add_argument(flag, type=int, default=default,
-                           help=text if f.name in HELP and "default" in text else f"{text} (default: {default})")
-        elif f.name == "mixed_precision":
-            p.add_argument(flag, default=default, choices=["auto", "no", "fp16", "bf16"], help=text)
-        elif isinstance(default, int):
-            p.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
-        elif isinstance(default, float):
-            p.add_argument(flag, type=float, default=default, help=f"{text} (default: {default:g})")
-        else:
-            p.add_argument(flag, default=default, help=f"{text} (default: {default!r})")
+    p.add_argument("--target-modules", default=",".join(LoraTrainConfig.target_modules),
+                   help="UNet modules with LoRA, comma-separated (default: %(default)s; the script's)")
+    p.add_argument("--validation-prompt", action="append", default=None, help=HELP["validation_prompt"])
+    add_config_flags(p, LoraTrainConfig, skip=_OWN, help_text=HELP, origin=default_origin,
+                     recipe_keys=set(SCRIPT_RECIPE),
+                     choices={"optimizer": common.OPTIMIZERS, "report_to": common.REPORT_TO,
+                              "mixed_precision": common.MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS},
+                     optional_types={"alpha": float, "snr_gamma": float, "embedding_lr": float,
+                                     "max_train_steps": int, "checkpoints_total_limit": int, "prodigy_beta3": float,
+                                     "min_bucket_side": int, "max_bucket_side": int, "resolution": int, "validation_seed": int,
+                                     "cache_latents": bool, "class_data_dir": str})
 
 
 def config_from_args(args):
-    from ..training.lora_sdxl import LoraTrainConfig
+    from ..training.lora_sdxl import LoraTrainConfig, recipe_values
 
     values = {}
     for f in dataclasses.fields(LoraTrainConfig):
         if f.name not in _OWN and hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
+    for name, value in recipe_values(getattr(args, "recipe", "seed")).items():
+        values.setdefault(name, value)
     if values.get("max_train_steps") == 0:
         values["max_train_steps"] = None
     from .. import host
@@ -85,6 +98,7 @@ def config_from_args(args):
     return LoraTrainConfig(data_dir=args.data, output=args.out, model=host.resolve_model(args.model), vae=args.vae,
                            dtype=args.dtype, device=args.device, run_dir=args.run_dir, resume=args.resume,
                            target_modules=split_list(args.target_modules),
+                           validation_prompt="\n".join(args.validation_prompt) if args.validation_prompt else None,
                            **values)
 
 
@@ -107,5 +121,8 @@ def run(args) -> int:
             print(f"wrote {label} {path}")
     print(f"loss curve {result.loss_curve_png}; checkpoints in {result.run_dir / 'checkpoints'}")
     if result.validation_images:
-        print(f"validation images in {result.run_dir / 'validation'}")
+        print(f"validation images in {result.run_dir / 'validation'}"
+              + (f"; grid over steps {result.validation_grid_png}" if result.validation_grid_png else ""))
+    if config.report_to == "tensorboard":
+        print(f"logs: tensorboard --logdir {result.run_dir / 'logs'}")
     return 0

@@ -1,8 +1,12 @@
 """Instruction datasets for InstructPix2Pix: (input image, instruction, edited image) triples.
 
 Three ways to build one, all writing the same format (DESIGN, Formats): a folder with `input/`, `edited/` and
-`metadata.jsonl`, one line per example with `input_image`, `edit_prompt`, `edited_image` (paths relative to the
-folder) plus `task`, `source` and, for synthesized pairs, the degradation and its parameters.
+`metadata.jsonl`, one line per example with `input_image_file_name`, `edit_prompt`, `edited_image_file_name` (paths
+relative to the folder) plus `task`, `source` and, for synthesized pairs, the degradation and its parameters. That is
+datasets' ImageFolder layout (a column `X_file_name` is the image feature `X`), so
+`load_dataset("imagefolder", data_dir=...)` gives the columns `input_image`, `edit_prompt`, `edited_image`: the
+default columns of diffusers' `train_instruct_pix2pix.py`. TuneLab reads that layout, and the older one with plain
+`input_image` / `edited_image` path columns, with the `tunelab` preset.
 
 - `from_folders`: a folder of inputs and a folder of targets, matched by file name (stem), with one instruction or a
   list of synonyms chosen per example by seed (the seed's cartoonization style; `CARTOON_INSTRUCTIONS` is a default
@@ -56,6 +60,7 @@ COLUMN_PRESETS = {
     "low-level": ("input_image", "instruction", "ground_truth_image"),
 }
 COLUMN_ROLES = ("input", "instruction", "edited")
+FILE_NAME = "_file_name"  # datasets' ImageFolder: the column `X_file_name` holds the path of the image feature `X`
 
 # The low-level dataset's fixed prompts, one per task (no synonyms).
 TASK_PROMPTS = {
@@ -493,7 +498,8 @@ def _write(examples: list, out_dir, *, settings: dict, seed: int, val_fraction: 
             for image, rel in ((a, in_rel), (b, ed_rel)):
                 if not (out / rel).is_file():  # a resumed build keeps what it wrote (atomic, deterministic)
                     _save_png(image, out / rel)
-            row = {"input_image": in_rel, "edit_prompt": ex.instruction, "edited_image": ed_rel, "task": ex.task}
+            row = {"input_image" + FILE_NAME: in_rel, "edit_prompt": ex.instruction,
+                   "edited_image" + FILE_NAME: ed_rel, "task": ex.task}
             if ex.key in splits:
                 row["split"] = splits[ex.key]
             row.update({k: v for k, v in ex.meta.items() if not k.startswith("_")})
@@ -504,8 +510,10 @@ def _write(examples: list, out_dir, *, settings: dict, seed: int, val_fraction: 
     tasks: dict = {}
     for r in rows:
         tasks[r["task"]] = tasks.get(r["task"], 0) + 1
-    info = {"format": "tunelab-instruction-dataset", "format_version": FORMAT_VERSION, "columns":
-            dict(zip(COLUMN_ROLES, COLUMN_PRESETS["tunelab"])), "examples": len(rows), "tasks": tasks,
+    columns = dict(zip(COLUMN_ROLES, COLUMN_PRESETS["tunelab"]))
+    columns.update(input=columns["input"] + FILE_NAME, edited=columns["edited"] + FILE_NAME)
+    info = {"format": "tunelab-instruction-dataset", "format_version": FORMAT_VERSION, "columns": columns,
+            "examples": len(rows), "tasks": tasks,
             "splits": {s: sum(1 for r in rows if r.get("split") == s) for s in ("train", "validation")}
             if splits else None, "fingerprint": fingerprint, **settings}
     if split_report is not None:
@@ -688,6 +696,38 @@ def resolve_columns(columns) -> dict:
     return {r: mapping[r] for r in COLUMN_ROLES}
 
 
+def match_columns(mapping: dict, cols, where: str) -> dict:
+    """{role: the table's column}: each mapped column as it is, or, for the images, its ImageFolder spelling
+    `<column>_file_name`. A column that is missing is refused with the table's columns and a suggested mapping."""
+    cols = list(cols)
+    out = {}
+    for role in COLUMN_ROLES:
+        col = mapping[role]
+        if col in cols:
+            out[role] = col
+        elif role != "instruction" and col + FILE_NAME in cols:
+            out[role] = col + FILE_NAME
+        else:
+            raise TuneLabError(f"column '{col}' ({role}) is not in {where}; its columns are: {', '.join(cols) or 'none'}"
+                               f". {suggest_columns(cols)}", input_name="columns")
+    return out
+
+
+def suggest_columns(cols) -> str:
+    """A preset or a mapping that fits these columns, as advice for an error message."""
+    cols = list(cols)
+    plain = [c[: -len(FILE_NAME)] if c.endswith(FILE_NAME) else c for c in cols]
+    for name, preset in COLUMN_PRESETS.items():
+        if all(c in plain for c in preset):
+            return f"Use the column preset '{name}' (--columns {name})"
+    images = [c[: -len(FILE_NAME)] for c in cols if c.endswith(FILE_NAME)] or [c for c in cols if "image" in c]
+    text = next((c for c in ("edit_prompt", "instruction", "edit", "prompt", "text", "caption") if c in cols), None)
+    if len(images) >= 2 and text:
+        return (f"Map them, e.g. --columns input={images[0]},instruction={text},edited={images[1]} "
+                "(input image, instruction, edited image)")
+    return "Map them as --columns input=COL,instruction=COL,edited=COL"
+
+
 def read_table(path) -> tuple[list, list]:
     """(rows as dicts, column names) of a jsonl, csv or parquet file."""
     path = Path(path)
@@ -757,11 +797,7 @@ def from_table(table, out_dir, *, columns="tunelab", image_root=None, seed: int 
     rows, cols = read_table(table)
     if not rows:
         raise TuneLabError(f"'{table.name}' has no rows", input_name="table")
-    for role in COLUMN_ROLES:
-        if mapping[role] not in cols:
-            raise TuneLabError(f"column '{mapping[role]}' ({role}) is not in '{table.name}'; its columns are: "
-                               f"{', '.join(cols) or 'none'}. Pick another preset or map the columns",
-                               input_name="columns")
+    mapping = match_columns(mapping, cols, f"'{table.name}'")
     root = Path(image_root) if image_root else table.parent
     if limit:
         rows = rows[:limit]
@@ -825,6 +861,7 @@ def read(folder, *, columns="tunelab", split: Optional[str] = None) -> list[Pair
     rows, cols = read_table(meta)
     if not rows:
         raise TuneLabError(f"'{folder.name}/{METADATA}' has no rows", input_name="dataset")
+    mapping = match_columns(mapping, cols, f"'{folder.name}/{METADATA}'")
     pairs = []
     for n, row in enumerate(rows, 1):
         for role in COLUMN_ROLES:

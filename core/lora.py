@@ -15,6 +15,7 @@ from typing import Optional
 
 from .errors import TuneLabError
 from .files import check_safetensors, sha256_file
+from . import adapters, lora_files
 from .lora_files import cross_attention_width, encoder_prefixes, read_file, save  # noqa: F401 (re-exported)
 from .models import LoraRef, PipeHandle, describe_width, outside_inference_mode
 
@@ -69,33 +70,82 @@ def check_architecture(handle: PipeHandle, state_dict: dict, name: str) -> None:
                                f"{handle.architecture}", input_name="lora")
 
 
-def _to_peft(handle: PipeHandle, state_dict: dict) -> dict[str, dict]:
-    """Per component ('unet', 'text_encoder', 'text_encoder_2'), the file's weights in PEFT keys (diffusers' converters)."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+def _split_dora_scales(state_dict: dict) -> tuple[dict, dict]:
+    """(the state dict without kohya/LyCORIS `.dora_scale` keys, {kohya module: magnitude as [out]}). diffusers
+    drops those keys for SD/SDXL ("not compatible in Diffusers"), so they are put back on the PEFT side."""
+    scales = {k[: -len(".dora_scale")]: v.reshape(-1) for k, v in state_dict.items() if k.endswith(".dora_scale")}
+    if not scales:
+        return state_dict, {}
+    return {k: v for k, v in state_dict.items() if not k.endswith(".dora_scale")}, scales
 
+
+def _dora_for(comp: str, weights: dict, scales: dict) -> dict:
+    """{PEFT module: magnitude} for the modules of `comp` whose kohya name has a dora_scale."""
+    heads = {"unet": ("lora_unet_",), "transformer": ("lora_unet_",), "text_encoder": ("lora_te1_", "lora_te_"),
+             "text_encoder_2": ("lora_te2_",)}.get(comp, ())
+    found = {}
+    for key in weights:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        named = module if comp in ("unet", "transformer") else \
+            next(iter(lora_files.with_text_model_level({module: None})))
+        for head in heads:
+            scale = scales.get(head + named.replace(".", "_"))
+            if scale is not None:
+                found[module] = scale
+                break
+    return found
+
+
+def _to_peft(handle: PipeHandle, state_dict: dict) -> tuple[dict[str, tuple[dict, dict]], dict, dict]:
+    """diffusers' reading of a LoRA file, split per component ('unet', 'text_encoder', 'text_encoder_2').
+
+    Returns ({component: (weights in PEFT keys, {module: alpha})}, diffusers' state dict, diffusers' network
+    alphas). Text-encoder keys are matched to the installed model's module names (with or without the `text_model`
+    level). The key conversion is diffusers' own (`lora_state_dict`, then `state_dict_utils`); the converters map
+    keys only, so they run on the keys and the weights follow."""
+    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                                  convert_unet_state_dict_to_peft)
+
+    pipe = handle.pipe
+    state_dict, dora_scales = _split_dora_scales(state_dict)
     try:
-        out = handle.pipe.lora_state_dict(dict(state_dict))
+        out = pipe.lora_state_dict(dict(state_dict), unet_config=pipe.unet.config)
     except Exception as e:
         raise TuneLabError(f"not a LoRA file diffusers can read: {e}", input_name="lora") from e
-    converted = out[0] if isinstance(out, tuple) else out
+    converted, network_alphas = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+    network_alphas = dict(network_alphas or {})
     parts: dict[str, dict] = {}
-    for key, value in converted.items():
+    for key in converted:
         comp, _, rest = key.partition(".")
-        parts.setdefault(comp, {})[rest] = value
+        parts.setdefault(comp, {})[rest] = key
     result = {}
-    for comp, sd in parts.items():
-        try:
-            result[comp] = (convert_unet_state_dict_to_peft(sd) if comp in ("unet", "transformer")
-                            else convert_state_dict_to_peft(sd))
+    for comp, keys in parts.items():
+        try:  # {PEFT key: the diffusers key it came from}
+            origin = (convert_unet_state_dict_to_peft(keys) if comp in ("unet", "transformer")
+                      else convert_state_dict_to_peft(convert_state_dict_to_diffusers(keys)))
         except ValueError as e:  # diffusers: "Could not automatically infer state dict type"
             raise TuneLabError(f"no LoRA weights TuneLab recognises for the {comp} ({e})", input_name="lora") from e
-    return result
+        model = getattr(pipe, comp, None)
+        if comp.startswith("text_encoder") and model is not None:
+            origin = lora_files.match_text_model_level(origin, model)
+        weights = {k: converted[src] for k, src in origin.items()}
+        if dora_scales:
+            for module, scale in _dora_for(comp, weights, dora_scales).items():
+                weights[f"{module}.lora_magnitude_vector"] = scale
+                if comp in ("unet", "transformer"):
+                    converted[f"{comp}.{module}.lora_magnitude_vector"] = scale
+        alphas = {k.split(".lora_A.")[0]: float(network_alphas[f"{src}.alpha"]) for k, src in origin.items()
+                  if ".lora_A." in k and f"{src}.alpha" in network_alphas}
+        result[comp] = (weights, alphas)
+    return result, converted, network_alphas
 
 
 def unmapped_modules(handle: PipeHandle, state_dict: dict) -> tuple[int, list[str]]:
     """(number of LoRA'd modules, those that exist nowhere in the pipe)."""
     modules, missing = set(), []
-    for comp, sd in _to_peft(handle, state_dict).items():
+    for comp, (sd, _) in _to_peft(handle, state_dict)[0].items():
         model = getattr(handle.pipe, comp, None)
         names = {n for n, _ in model.named_modules()} if model is not None else set()
         for key in sd:
@@ -138,23 +188,56 @@ def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = 
     adapter = f"tl_{sha[:16]}"
     with _LOCK:
         if adapter not in loaded_adapters(handle.pipe):
-            from diffusers.utils import logging as diffusers_logging
-
-            # diffusers warns "No LoRA keys associated to CLIPTextModel" for every UNet-only LoRA (the wrong LoRA
-            # is one); unmapped keys were already checked above
-            verbosity = diffusers_logging.get_verbosity()
-            diffusers_logging.set_verbosity_error()
-            try:
-                handle.pipe.load_lora_weights(dict(state_dict), adapter_name=adapter)
-            except Exception as e:
-                raise TuneLabError(f"could not apply '{name}': {e}", input_name="lora") from e
-            finally:
-                diffusers_logging.set_verbosity(verbosity)
+            _apply(handle, state_dict, adapter, name, metadata)
             # loading activates the new adapter; nothing runs until activate() picks a handle's stack
             handle.pipe.disable_lora()
         tokens = apply_embeddings(handle, embeddings) if embeddings else ()
     ref = LoraRef(adapter=adapter, weight=float(strength), name=name, sha256=sha, embeddings=tokens)
     return handle.with_lora(ref)
+
+
+def _apply(handle: PipeHandle, state_dict: dict, adapter: str, name: str, metadata: Optional[dict] = None) -> None:
+    """Load the file's weights into the shared pipe as adapter `adapter`: the UNet part with diffusers'
+    `load_lora_into_unet` (what `load_lora_weights` does), each text-encoder part with peft itself (`adapters`),
+    since diffusers' text-encoder path goes through transformers' PEFT gate. All or nothing."""
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = handle.pipe
+    parts, converted, network_alphas = _to_peft(handle, state_dict)
+    unet_prefix = getattr(pipe, "unet_name", "unet")
+    # diffusers warns "No LoRA keys associated to ..." for components a file leaves out; unmapped keys were
+    # already checked
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        unet_sd = {k: v for k, v in converted.items() if k.startswith(f"{unet_prefix}.")}
+        if unet_sd:
+            type(pipe).load_lora_into_unet(unet_sd, network_alphas=network_alphas or None, unet=pipe.unet,
+                                           adapter_name=adapter, _pipeline=pipe)
+        for comp in ("text_encoder", "text_encoder_2"):
+            model = getattr(pipe, comp, None)
+            if comp not in parts or model is None:
+                continue
+            weights, alphas = parts[comp]
+            config = adapters.lora_config(weights, alphas, init_lora_weights=False, inference_mode=True)
+            adapters.add(model, config, adapter, weights)
+        if (metadata or {}).get("tunelab_dora_scale") == adapters.DORA_SCALE_BASE_NORM:  # see core.adapters
+            for comp in ("unet", "text_encoder", "text_encoder_2"):
+                if getattr(pipe, comp, None) is not None:
+                    adapters.dora_from_base_norm(getattr(pipe, comp), adapter)
+    except Exception as e:
+        remove(handle.pipe, adapter)
+        raise TuneLabError(f"could not apply '{name}': {e}", input_name="lora") from e
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def remove(pipe, adapter: str) -> None:
+    """Take the adapter out of every component of the pipe that holds it."""
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, comp, None)
+        if model is not None and adapter in adapters.names(model):
+            adapters.delete(model, adapter)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -128,6 +128,9 @@ class Progress:
         if self._log is not None:
             self._log.update_to(self.value, info)
 
+    def preview(self, image) -> None:
+        """Show a PIL image while the work runs (ComfyUI's node preview); nothing in the terminal."""
+
     def interrupted(self) -> bool:
         return False
 

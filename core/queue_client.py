@@ -339,6 +339,19 @@ def parse_header(text: str) -> tuple:
     return name.strip(), value.strip()
 
 
+PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
+_IMAGE_TYPES = {1: "JPEG", 2: "PNG"}
+
+
+def parse_preview_frame(raw: bytes) -> Optional[tuple]:
+    """(format, image bytes) of a binary /ws frame that is a preview image (4-byte event type 1, 4-byte image type
+    1 JPEG / 2 PNG, then the image), else None."""
+    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != PREVIEW_IMAGE:
+        return None
+    kind = _IMAGE_TYPES.get(int.from_bytes(raw[4:8], "big"))
+    return (kind, bytes(raw[8:])) if kind else None
+
+
 def normalize_server(server: str) -> str:
     server = server.strip().rstrip("/")
     if "://" not in server:
@@ -511,14 +524,16 @@ class ComfyClient:
 
     def wait(self, ws, prompt_id: str, *, timeout: Optional[float] = None,
              on_event: Optional[Callable[[str, dict], None]] = None, poll: float = 0.5,
-             quiet_check: float = 10.0, resubmit: Optional[Callable[[], None]] = None) -> str:
+             quiet_check: float = 10.0, resubmit: Optional[Callable[[], None]] = None,
+             on_preview: Optional[Callable[[str, bytes], None]] = None) -> str:
         """Follow `prompt_id` until it ends; returns "success" or raises ExecutionFailed / ExecutionInterrupted /
         QueueTimeout / ServerUnreachable. Asks /history when the websocket stays silent for `quiet_check` s.
 
         When the socket drops, it polls /history and reconnects with backoff (same client id). Once the server
         answers again after an outage it asks whether the prompt is still known (`knows`): finished -> its status
         from /history; lost (a restart) -> `resubmit()` submits it again under the same id. An outage longer than
-        `retry_for` raises ServerUnreachable. A socket this call opened is closed here."""
+        `retry_for` raises ServerUnreachable. A socket this call opened is closed here. `on_preview(format, image
+        bytes)` gets the binary preview frames ("JPEG"/"PNG"), e.g. a training node's validation images while it runs."""
         websocket = _websocket_module()
         deadline = None if timeout is None else time.monotonic() + timeout
         own = None  # a socket this call opened
@@ -583,8 +598,13 @@ class ComfyClient:
                     wait = min(wait * 2, self.backoff[1])
                     continue
                 wait = self.backoff[0]
-                if isinstance(raw, bytes) or not raw:
-                    continue  # binary preview frames
+                if isinstance(raw, bytes):
+                    frame = parse_preview_frame(raw)
+                    if frame and on_preview:
+                        on_preview(*frame)
+                    continue
+                if not raw:
+                    continue
                 try:
                     msg = json.loads(raw)
                 except ValueError:
@@ -697,7 +717,8 @@ class ComfyClient:
             on_event: Optional[Callable[[str, dict], None]] = None,
             on_submit: Optional[Callable[[str], None]] = None,
             on_warning: Optional[Callable[[str], None]] = None, previews: bool = False,
-            prompt_id: Optional[str] = None) -> RunResult:
+            prompt_id: Optional[str] = None,
+            on_preview: Optional[Callable[[str, bytes], None]] = None) -> RunResult:
         """Submit under our own prompt id, follow to the end through dropped sockets and restarts (see the module
         docstring), download what the nodes report: images and other files (reports, LoRA copies), but not
         temporary previews (type "temp") unless `previews`. A timeout cancels the prompt before raising."""
@@ -717,7 +738,8 @@ class ComfyClient:
                 resubmitted.append(prompt_id)
 
             try:
-                status = self.wait(ws, prompt_id, timeout=timeout, on_event=on_event, resubmit=resubmit)
+                status = self.wait(ws, prompt_id, timeout=timeout, on_event=on_event, resubmit=resubmit,
+                                     on_preview=on_preview)
             except QueueTimeout:
                 try:
                     self.cancel(prompt_id)

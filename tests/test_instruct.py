@@ -212,14 +212,14 @@ def test_folder_pairs_are_reproducible_and_spread_synonyms(pairs_dirs, tmp_path)
     instruct_data.from_folders(a, b, tmp_path / "d2", seed=5)
     assert r1["examples"] == 12 and files_of(tmp_path / "d1") == files_of(tmp_path / "d2")
     rows = rows_of(tmp_path / "d1")
-    assert set(rows[0]) >= {"input_image", "edit_prompt", "edited_image", "task", "source", "target_source"}
+    assert set(rows[0]) >= {"input_image_file_name", "edit_prompt", "edited_image_file_name", "task", "source", "target_source"}
     assert all(r["edit_prompt"] in instruct_data.CARTOON_INSTRUCTIONS and r["task"] == "cartoonize" for r in rows)
     assert len({r["edit_prompt"] for r in rows}) >= 6, "synonyms are chosen per example, not one for all"
     assert rows[3]["target_source"] == "img03.jpg"
     # pairs keep their pixels (no resolution: 36x28 is center-cropped to 32x24, identically for both)
     src = np.asarray(Image.open(a / "img00.png"))[2:26, 2:34]
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "d1" / rows[0]["input_image"])), src)
-    assert Image.open(tmp_path / "d1" / rows[0]["edited_image"]).size == (32, 24)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d1" / rows[0]["input_image_file_name"])), src)
+    assert Image.open(tmp_path / "d1" / rows[0]["edited_image_file_name"]).size == (32, 24)
     other = instruct_data.from_folders(a, b, tmp_path / "d3", seed=6)
     assert [r["edit_prompt"] for r in rows_of(other["folder"])] != [r["edit_prompt"] for r in rows]
     one = instruct_data.from_folders(a, b, tmp_path / "d4", instructions="Make it a cartoon", limit=2,
@@ -227,7 +227,7 @@ def test_folder_pairs_are_reproducible_and_spread_synonyms(pairs_dirs, tmp_path)
     rows4 = rows_of(one["folder"])
     assert [r["edit_prompt"] for r in rows4] == ["Make it a cartoon"] * 2
     assert sorted(r["split"] for r in rows4) == ["train", "validation"]
-    assert Image.open(one["folder"] / rows4[0]["input_image"]).size == (16, 16)  # 36x28 -> 21x16 -> 16x16
+    assert Image.open(one["folder"] / rows4[0]["input_image_file_name"]).size == (16, 16)  # 36x28 -> 21x16 -> 16x16
     assert len(instruct_data.held_out(one["folder"])) == 1
 
 
@@ -249,13 +249,13 @@ def test_synthesized_low_level_pairs(tmp_path):
     assert by[("c0.png", "noise")]["params"]["model"] in ("gaussian", "poisson")
     assert set(by[("c0.png", "low_light")]["params"]) == {"gamma", "gain", "sigma"}
     for r in rows:
-        inp = np.asarray(Image.open(tmp_path / "s1" / r["input_image"]), dtype=np.int32)
-        tgt = np.asarray(Image.open(tmp_path / "s1" / r["edited_image"]), dtype=np.int32)
+        inp = np.asarray(Image.open(tmp_path / "s1" / r["input_image_file_name"]), dtype=np.int32)
+        tgt = np.asarray(Image.open(tmp_path / "s1" / r["edited_image_file_name"]), dtype=np.int32)
         assert inp.shape == tgt.shape == (32, 40, 3) and not np.array_equal(inp, tgt)
         assert np.array_equal(tgt, np.asarray(Image.open(clean / r["source"])))  # the clean image is the target
     dark = by[("c0.png", "low_light")]
-    assert np.asarray(Image.open(tmp_path / "s1" / dark["input_image"])).mean() < 0.6 * np.asarray(
-        Image.open(tmp_path / "s1" / dark["edited_image"])).mean()
+    assert np.asarray(Image.open(tmp_path / "s1" / dark["input_image_file_name"])).mean() < 0.6 * np.asarray(
+        Image.open(tmp_path / "s1" / dark["edited_image_file_name"])).mean()
     instruct_data.synthesize(clean, tmp_path / "s3", seed=10, degradations="blur")
     assert rows_of(tmp_path / "s3")[0]["params"] != by[("c0.png", "blur")]["params"]
     with pytest.raises(TuneLabError, match="unknown degradation") as e:
@@ -295,7 +295,7 @@ def test_table_import_with_presets(tmp_path):
     got = rows_of(res["folder"])
     assert [r["task"] for r in got] == ["derain", "deblur", "denoise"]
     assert got[0]["edit_prompt"] == "Derain the image"
-    assert np.array_equal(np.asarray(Image.open(res["folder"] / got[2]["edited_image"])),
+    assert np.array_equal(np.asarray(Image.open(res["folder"] / got[2]["edited_image_file_name"])),
                           np.asarray(Image.open(root / "img" / "gt2.png")))
     csv_text = "original_image,edit_prompt,cartoonized_image\n" + "".join(
         f"img/in{i}.png,Cartoonize the following image.,img/gt{i}.png\n" for i in range(3))

@@ -348,14 +348,14 @@ def test_text_encoder_lora_is_applied_and_not_leaked():
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    from tunelab.core import lora, models, tiny
+    from tunelab.core import adapters, lora, models, tiny
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny.ensure("tiny-sdxl")), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        for te in (pipe.text_encoder, pipe.text_encoder_2):
-            te.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                      init_lora_weights=False), adapter_name="te_lora")
+        for te in (pipe.text_encoder, pipe.text_encoder_2):  # peft itself: transformers' add_adapter is gated
+            adapters.add(te, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                        init_lora_weights=False), "te_lora")
     base = models.PipeHandle(pipe=pipe, family="sdxl", source="tiny-sdxl", dtype=torch.float32,
                              device=torch.device("cpu"))
     with_lora = base.with_lora(models.LoraRef(adapter="te_lora", weight=0.8, name="te_lora.safetensors",

@@ -45,7 +45,7 @@ def test_synth_splits_by_clean_image_and_every_task_is_validated(tmp_path, capsy
     assert len(rows) == 20  # 5 clean images x 4 degradations: each source yields 4 examples
     assert_split_by(rows, lambda r: r["source"])
     # the clean image is the target: no ground-truth pixels are shared across the splits either
-    edited = {s: {(out / r["edited_image"]).read_bytes() for r in rows if r["split"] == s}
+    edited = {s: {(out / r["edited_image" + instruct_data.FILE_NAME]).read_bytes() for r in rows if r["split"] == s}
               for s in ("train", "validation")}
     assert not edited["train"] & edited["validation"]
     val_tasks = {r["task"] for r in rows if r["split"] == "validation"}

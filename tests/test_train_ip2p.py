@@ -149,10 +149,12 @@ def test_train_ip2p_node_confines_paths_and_returns_a_pipe(tiny_ip2p, tmp_path, 
                 max_train_steps=1, train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-2,
                 conditioning_dropout_prob=0.05, use_ema=False, seed=0, resume="none")
     node = TrainInstructPix2Pix()
-    res = node.train(**args)
-    trained, name, curve = res["result"]
+    res = node.train(**args, validation_image=pil_to_tensor([_picture(7)]), validation_prompt="derain the image")
+    trained, name, curve, grid = res["result"]
     assert name == "tl/ip2p_lora.safetensors" and (host.model_dirs("loras")[0] / name).is_file()
     assert isinstance(trained, PipeHandle) and len(trained.loras) == 1 and curve.ndim == 4 and curve.shape[-1] == 3
+    assert grid.shape[0] == 1 and grid.shape[2] == 64 and grid.shape[1] > 64  # the final edit, labelled
+    assert "the seed's" in spec["required"]["train_batch_size"][1]["tooltip"]
     assert (out / "tunelab" / "train_ip2p" / "tl" / "ip2p_lora" / "loss_curve.png").is_file()
     assert res["ui"]["images"][0]["subfolder"] == "tunelab/train_ip2p/tl/ip2p_lora"
     full = node.train(**{**args, "mode": "full", "output_name": "tl/ip2p_full"})["result"]

@@ -155,11 +155,22 @@ def test_kohya_file_gives_the_same_image_in_diffusers(trained, tiny_sdxl):
 
 
 def test_kohya_keys_are_what_comfyui_maps(trained, tiny_sdxl):
+    """Standard kohya names whatever transformers calls the modules: CLIP layers under `text_model` in both text
+    encoders (transformers 5's CLIPTextModel has no such level; ComfyUI's key map expects it)."""
     sd, _ = lora.read_file(trained["result"].lora_path)
     pipe = tiny_sdxl.pipe
-    modules = {prefix: {n.replace(".", "_") for n, _ in model.named_modules()}
-               for prefix, model in (("lora_unet", pipe.unet), ("lora_te1", pipe.text_encoder),
-                                     ("lora_te2", pipe.text_encoder_2))}
+
+    def standard(model, te):
+        names = {n for n, _ in model.named_modules() if n}
+        if te:
+            names = {n if n.startswith(("text_model", "text_projection")) else f"text_model.{n}" for n in names}
+        return {n.replace(".", "_") for n in names}
+
+    modules = {"lora_unet": standard(pipe.unet, False), "lora_te1": standard(pipe.text_encoder, True),
+               "lora_te2": standard(pipe.text_encoder_2, True)}
+    for prefix in ("lora_te1", "lora_te2"):
+        te_keys = [k for k in sd if k.startswith(prefix + "_")]
+        assert te_keys and all(k.startswith(f"{prefix}_text_model_encoder_layers_") for k in te_keys), te_keys[:3]
     pattern = re.compile(r"^(lora_unet|lora_te1|lora_te2)_(\w+?)\.(lora_up\.weight|lora_down\.weight|alpha)$")
     seen = set()
     for key, value in sd.items():
@@ -370,11 +381,18 @@ def test_node_trains_into_loras_folder(tiny_sdxl, tmp_path, monkeypatch):
         node.train(tiny_sdxl, "tunelab/ds", "../escape", "wrong", 1, 1e-3, 4, 64, 4, 1, 0)
     out = node.train(tiny_sdxl, str(tmp_path / "output" / "tunelab" / "ds"), "tunelab/mine", "wrong", 2, 1e-3, 4,
                      64, 4, 1, 0, validation_inference_steps=1)
-    lora_pipe, name, curve, validation = out["result"]
+    lora_pipe, name, curve, validation, grid = out["result"]
     assert name == "tunelab/mine.safetensors"
     assert (tmp_path / "models" / "loras" / "tunelab" / "mine.safetensors").is_file()
     assert lora_pipe.loras[-1].name == name and not tiny_sdxl.loras
     assert curve.shape == (1, 360, 640, 3) and validation.shape == (1, 64, 64, 3)
+    assert grid.shape[0] == 1 and grid.shape[2] == 64 and grid.shape[1] > 64  # the seed's prompt, final step
+    spec = TrainLora.INPUT_TYPES()
+    for section in spec.values():
+        for input_name, entry in section.items():
+            assert entry[1].get("tooltip"), f"{input_name} has no tooltip"
+    assert "the seed's; the script's is 4" in spec["required"]["train_batch_size"][1]["tooltip"]
+    assert "the script's" in spec["required"]["learning_rate"][1]["tooltip"]
     assert out["ui"]["images"][0]["subfolder"] == "tunelab/train/tunelab/mine"
 
 

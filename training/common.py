@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..core import progress as progress_mod
+from ..core import adapters, progress as progress_mod
 from ..core.errors import Interrupted, TuneLabError
 from ..core.files import check_safetensors, write_text_atomic
 
@@ -108,7 +108,8 @@ def resolve_mixed_precision(choice: str, device, weight_dtype=None) -> str:
     return choice
 
 
-def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, device=None):
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, device=None,
+                     report_to: str = "none", logging_dir=None):
     """`accelerate.Accelerator` owning device, precision and gradient accumulation.
 
     In one process (a ComfyUI node, tests) runs follow each other with different settings; accelerate keeps its
@@ -122,6 +123,8 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     cpu = device is not None and torch.device(device).type == "cpu"
     kwargs = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=int(gradient_accumulation_steps),
                   cpu=cpu)
+    if report_to and report_to != "none":
+        kwargs.update(log_with=report_to, project_dir=str(logging_dir) if logging_dir else None)
     try:
         return Accelerator(**kwargs)
     except ValueError as e:
@@ -129,6 +132,135 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
             raise
         AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logging: accelerate's trackers (TensorBoard)
+
+REPORT_TO = ("none", "tensorboard")
+
+
+def check_report_to(value: str, input_name: str = "report_to") -> None:
+    """Refuse an unknown tracker, or TensorBoard when it is not installed, before anything loads."""
+    if value not in REPORT_TO:
+        raise TuneLabError(f"unknown value '{value}'; choose one of {', '.join(REPORT_TO)}", input_name=input_name)
+    if value == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+            from torch.utils import tensorboard as _tb  # noqa: F401
+        except ImportError:
+            raise TuneLabError("report_to=tensorboard needs the 'tensorboard' package, which is not installed in "
+                               "this Python (pip install tensorboard); or choose none", input_name=input_name) from None
+
+
+class Tracker:
+    """Scalars and images to accelerate's trackers (`report_to`), from the main process only; a no-op for none.
+    Logs go to <run_dir>/logs (open with `tensorboard --logdir <run_dir>/logs`)."""
+
+    def __init__(self, accelerator, report_to: str, project: str, config: dict):
+        self.accelerator = accelerator
+        self.on = bool(report_to and report_to != "none")
+        if self.on:
+            plain = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
+                     for k, v in config.items()}
+            accelerator.init_trackers(project, config=plain)
+
+    def log(self, step: int, **values) -> None:
+        if self.on:
+            self.accelerator.log({k: float(v) for k, v in values.items() if v is not None}, step=int(step))
+
+    def images(self, tag: str, images: list, step: int) -> None:
+        if not (self.on and images and self.accelerator.is_main_process):
+            return
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                size = images[0].size
+                arr = np.stack([np.asarray(im.convert("RGB").resize(size)) for im in images])
+                tracker.writer.add_images(tag, arr, int(step), dataformats="NHWC")
+                tracker.writer.flush()
+
+    def close(self) -> None:
+        if self.on:
+            self.accelerator.end_training()
+            self.on = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizers: AdamW (torch), 8-bit AdamW (bitsandbytes), Prodigy (prodigyopt); the last two are optional packages
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+_OPTIMIZER_PACKAGES = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
+
+
+def check_optimizer(name: str, input_name: str = "optimizer") -> None:
+    """Refuse an unknown optimizer, or one whose package is missing, before anything loads."""
+    if name not in OPTIMIZERS:
+        raise TuneLabError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}",
+                           input_name=input_name)
+    package = _OPTIMIZER_PACKAGES.get(name)
+    if package is None:
+        return
+    import importlib
+
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise TuneLabError(f"the {name} optimizer needs the '{package}' package, which is not installed in this "
+                           f"Python; install it there (pip install {package}, or the pack's 'train' extra) or "
+                           "choose adamw", input_name=input_name) from None
+
+
+def scaled_lr(lr: float, scale: bool, batch_size: int, accumulation: int, processes: int) -> float:
+    """--scale_lr of diffusers' scripts: the learning rate times the total batch (batch x accumulation x
+    processes)."""
+    return float(lr) * batch_size * accumulation * processes if scale else float(lr)
+
+
+def make_optimizer(name: str, groups: list, *, betas: tuple, eps: float, device=None, fused: bool = True,
+                   prodigy: Optional[dict] = None, input_name: str = "optimizer"):
+    """The optimizer over parameter groups (each with its lr and weight_decay), as diffusers' scripts build it.
+
+    adamw: torch's AdamW, fused (one kernel for a LoRA's hundreds of small tensors; same math) where the device
+    allows. adamw8bit: bitsandbytes' AdamW8bit (8-bit state for tensors of 4096+ elements, as bitsandbytes decides),
+    checked with one step on `device` first, so a build without support for it fails here with a clear message.
+    prodigy: prodigyopt's Prodigy with `prodigy` settings (beta3, decouple, use_bias_correction, safeguard_warmup,
+    d_coef); Prodigy estimates one step size for all groups, so every group must have the same lr."""
+    import torch
+
+    check_optimizer(name, input_name)
+    if name == "adamw":
+        if fused:
+            try:
+                return torch.optim.AdamW(groups, fused=True, betas=betas, eps=eps)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        return torch.optim.AdamW(groups, foreach=True, betas=betas, eps=eps)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        try:  # one step on a throwaway tensor: bitsandbytes builds differ in what devices they support
+            probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+            probe.grad = torch.ones_like(probe)
+            bnb.optim.AdamW8bit([probe]).step()
+        except Exception as e:
+            raise TuneLabError(f"bitsandbytes {getattr(bnb, '__version__', '')} cannot run 8-bit AdamW on "
+                               f"{device or 'this device'} ({type(e).__name__}: {e}); choose adamw or prodigy",
+                               input_name=input_name) from None
+        return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps)
+    import prodigyopt
+
+    lrs = {float(g["lr"]) for g in groups}
+    if len(lrs) > 1:
+        raise TuneLabError(f"Prodigy estimates one step size for every parameter group, so all groups need the "
+                           f"same learning rate (got {sorted(lrs)})", input_name=input_name)
+    p = dict(prodigy or {})
+    return prodigyopt.Prodigy(groups, betas=betas, eps=eps, beta3=p.get("beta3"),
+                              decouple=bool(p.get("decouple", True)),
+                              use_bias_correction=bool(p.get("use_bias_correction", True)),
+                              safeguard_warmup=bool(p.get("safeguard_warmup", True)),
+                              d_coef=float(p.get("d_coef", 1.0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -531,6 +663,7 @@ class Control:
         self._raw_ema = 0.0
         self.bar = None
         self._signal: Optional[str] = None
+        self._host_stop: Optional[BaseException] = None  # ComfyUI's interrupt, raised from inside a bar update
         self._saved_handlers: dict = {}
 
     # context
@@ -567,7 +700,23 @@ class Control:
 
     # stop requests
     def stop_requested(self) -> bool:
-        return self._signal is not None or bool(self.bar is not None and self.bar.interrupted())
+        return self._signal is not None or self._host_stop is not None or \
+            bool(self.bar is not None and self.bar.interrupted())
+
+    def _to_bar(self, call) -> None:
+        """Update the bar. ComfyUI's progress hook raises its interrupt from inside the update (and clears the
+        flag); that is kept as a stop request, so the step boundary still saves a checkpoint first."""
+        try:
+            call()
+        except Exception as e:
+            if type(e).__name__ != "InterruptProcessingException":
+                raise
+            self._host_stop = e
+
+    def preview(self, image) -> None:
+        """Show a PIL image in the progress (ComfyUI's node preview); best effort."""
+        if self.bar is not None and image is not None and hasattr(self.bar, "preview"):
+            self._to_bar(lambda: self.bar.preview(image))
 
     def check(self) -> None:
         """Before training starts (nothing to save yet): raise if a stop was requested."""
@@ -581,6 +730,8 @@ class Control:
         self._raise_interrupted(f"training interrupted at step {step}{where}")
 
     def _raise_interrupted(self, message: str) -> None:
+        if self._host_stop is not None:
+            raise self._host_stop  # ComfyUI's own interrupt: the run ends as interrupted, the checkpoint is saved
         if self._signal is None and self.bar is not None:
             try:
                 self.bar.check()  # inside ComfyUI this raises ComfyUI's interrupt, so the run ends as interrupted
@@ -618,7 +769,7 @@ class Control:
         self._raw_ema = self.ema_beta * self._raw_ema + (1 - self.ema_beta) * float(loss)
         self.ema = self._raw_ema / (1 - self.ema_beta ** self._ema_n)
         if self.bar is not None:
-            self.bar.update(1, info=f"loss {self.ema:.4f}")
+            self._to_bar(lambda: self.bar.update(1, info=f"loss {self.ema:.4f}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -656,11 +807,6 @@ def _checkpointing(module) -> bool:
     return bool(getattr(module, name, False))
 
 
-def _adapter_names(model) -> list:
-    cfg = getattr(model, "peft_config", None)
-    return list(cfg) if isinstance(cfg, dict) else []
-
-
 def _adapter_layers(model):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -669,9 +815,7 @@ def _adapter_layers(model):
 
 def activate_adapter(model, name: str = TRAIN_ADAPTER) -> None:
     """Make `name` the only active adapter of `model`, enabled, with its weights trainable."""
-    model.set_adapter(name)
-    for layer in _adapter_layers(model):
-        layer.enable_adapters(True)
+    adapters.set_active(model, [name])
     # peft's set_adapter flags the active adapter's weights trainable; say it explicitly (validation may toggle it)
     for n, p in model.named_parameters():
         if f".{name}." in n or n.endswith(f".{name}"):
@@ -680,37 +824,31 @@ def activate_adapter(model, name: str = TRAIN_ADAPTER) -> None:
 
 @contextlib.contextmanager
 def training_adapter(model, config, name: str = TRAIN_ADAPTER, input_name: str = "target_modules"):
-    """Add a fresh PEFT adapter to `model` (a diffusers UNet or a transformers text encoder), make it the only
-    active one, and on exit delete it and restore the adapters that were there before (active set, enabled or not).
+    """Add a fresh PEFT adapter to `model` (a diffusers UNet or a transformers text encoder, built by
+    `core.adapters` so transformers' PEFT version gate plays no part), make it the only active one, and on exit
+    delete it and restore the adapters that were there before (active set, enabled or not).
     The base weights' requires_grad is the caller's business (use `preserved`)."""
     layers_before = _adapter_layers(model)
     was_enabled = not any(getattr(layer, "disable_adapters", False) for layer in layers_before)
     was_active = list(layers_before[0].active_adapters) if layers_before else []
-    if name in _adapter_names(model):  # left by a run that crashed without cleaning up
-        _delete_adapter(model, name)
+    if name in adapters.names(model):  # left by a run that crashed without cleaning up
+        adapters.delete(model, name)
     try:
-        model.add_adapter(config, adapter_name=name)
+        adapters.add(model, config, name)
     except ValueError as e:
         raise TuneLabError(f"{e}", input_name=input_name) from None
     try:
         activate_adapter(model, name)
         yield model
     finally:
-        _delete_adapter(model, name)
-        others = _adapter_names(model)
+        adapters.delete(model, name)
+        others = adapters.names(model)
         if others:
             active = [a for a in was_active if a in others] or others[:1]
             with contextlib.suppress(Exception):
-                model.set_adapter(active if len(active) > 1 else active[0])
+                adapters.set_active(model, active)
             for layer in _adapter_layers(model):
                 layer.enable_adapters(was_enabled)
-
-
-def _delete_adapter(model, name: str) -> None:
-    if hasattr(model, "delete_adapters"):  # diffusers models
-        model.delete_adapters(name)
-    else:  # transformers models
-        model.delete_adapter(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -791,6 +929,52 @@ def save_loss_curve(losses, path, *, title: str = "training loss", metadata: Opt
     meta = {"losses": json.dumps([round(float(v), 6) if math.isfinite(v) else None for v in losses])}
     meta.update(metadata or {})
     return save_png(img, path, meta), img
+
+
+def image_row(images: list):
+    """PIL images side by side (one validation, as a progress preview); None for none."""
+    from PIL import Image
+
+    if not images:
+        return None
+    w, h = images[0].size
+    row = Image.new("RGB", (w * len(images), h), "white")
+    for k, im in enumerate(images):
+        row.paste(im.convert("RGB").resize((w, h)), (k * w, 0))
+    return row
+
+
+VALIDATION_NAME = re.compile(r"^step-(\d+)-(\d+)\.png$")
+
+
+def validation_grid(folder, last_step: int, path, caption: str = ""):
+    """(PIL grid, path) of the validation images saved as <folder>/step-<step>-<nn>.png: one row per step up to
+    `last_step` (a resumed run's earlier steps included), written atomically to `path`; (None, None) when there
+    are none."""
+    from PIL import Image
+
+    from ..core.images import labelled_grid, save_png
+
+    folder = Path(folder)
+    rows: dict = {}
+    for p in sorted(folder.glob("step-*-*.png")) if folder.is_dir() else []:
+        m = VALIDATION_NAME.match(p.name)
+        if m and int(m.group(1)) <= last_step:
+            rows.setdefault(int(m.group(1)), []).append(p)
+    if not rows:
+        return None, None
+    cols = max(len(v) for v in rows.values())
+    images, labels = [], []
+    for step in sorted(rows):
+        for k in range(cols):
+            if k < len(rows[step]):
+                with Image.open(rows[step][k]) as im:
+                    images.append(im.convert("RGB"))
+            else:
+                images.append(Image.new("RGB", images[-1].size, "white"))
+            labels.append(f"step {step}" if k == 0 else "")
+    grid = labelled_grid(images, labels, columns=cols, caption=caption)
+    return grid, save_png(grid, path, {"steps": json.dumps(sorted(rows))})
 
 
 def describe(obj: Any) -> Any:

@@ -72,15 +72,19 @@ class Ip2pTrainConfig:
     random_flip: bool = True
     conditioning_dropout_prob: Optional[float] = 0.05  # 0 (or None): no dropout, as the seed's commands
     learning_rate: float = 5e-5
+    scale_lr: bool = False  # learning rate x batch x accumulation (the script's --scale_lr)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
-    max_train_steps: int = 15000
+    max_train_steps: Optional[int] = 15000  # None: num_train_epochs decides
+    num_train_epochs: int = 100  # the script's; used when max_train_steps is None
+    max_train_samples: Optional[int] = None  # train on this many pairs, drawn by a seeded shuffle (the script's)
     train_batch_size: int = 2
     gradient_accumulation_steps: int = 4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"
@@ -95,6 +99,53 @@ class Ip2pTrainConfig:
     lora_alpha: Optional[float] = None  # lora_alpha; None: the rank (scale 1)
     target_modules: tuple = ("to_k", "to_q", "to_v", "to_out.0")  # UNet modules with LoRA
     save_diffusers_copy: bool = False  # LoRA mode: also write <out stem>_diffusers.safetensors (diffusers keys)
+    validation_image: Any = None  # an image (path or PIL) edited with validation_prompt during the run
+    validation_prompt: Optional[str] = None  # the instruction of the validation edits
+    num_validation_images: int = 1
+    validation_steps: int = 0  # every N steps; 0: only after training
+    validation_seed: Optional[int] = None  # None: the training seed; the same at every validation
+    report_to: str = "none"  # none | tensorboard
+
+
+# Where each default comes from: Ip2pTrainConfig's defaults are the seed's runs (instruction-tuned-sd's README
+# commands: 256 px, random flip, batch 2 x accumulation 4, lr 5e-5, no warm-up, 15000 steps, seed 42) with
+# diffusers' README conditioning dropout 0.05; recipe "script" takes train_instruct_pix2pix.py's argparse defaults.
+SCRIPT = "train_instruct_pix2pix.py"
+SCRIPT_RECIPE = {"train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
+                 "lr_warmup_steps": 500, "max_train_steps": None, "conditioning_dropout_prob": None,
+                 "random_flip": False, "checkpointing_steps": 500, "checkpoints_total_limit": None,
+                 "num_validation_images": 4}
+RECIPES = ("seed", "script")
+_ORIGINS = {
+    "conditioning_dropout_prob": "diffusers' README command's (the seed passes none; the script: none)",
+    "seed": "the seed's (the script has none)",
+    "use_ema": "TuneLab's: off (the seed trains with --use_ema; it holds a second UNet)",
+    "validation_steps": "TuneLab's (the script validates every epoch)",
+    "mixed_precision": "TuneLab's: follow the weights (the seed: fp16)",
+    "report_to": "TuneLab's (the script: tensorboard)",
+    "mode": "TuneLab's (full is the script)",
+}
+_TUNELAB_ONLY = {"rank", "lora_alpha", "target_modules", "save_diffusers_copy", "max_nonfinite", "validation_seed",
+                 "columns", "split"}
+
+
+def recipe_values(recipe: str) -> dict:
+    if recipe not in RECIPES:
+        raise TuneLabError(f"unknown recipe '{recipe}'; choose seed or script", input_name="recipe")
+    if recipe == "script":
+        return dict(SCRIPT_RECIPE)
+    defaults = {f.name: f.default for f in fields(Ip2pTrainConfig)}
+    return {k: defaults[k] for k in SCRIPT_RECIPE}
+
+
+def default_origin(name: str) -> str:
+    if name in SCRIPT_RECIPE:
+        return f"the seed's; the script's is {SCRIPT_RECIPE[name]!r}"
+    if name in _ORIGINS:
+        return _ORIGINS[name]
+    if name in _TUNELAB_ONLY:
+        return "TuneLab's (not in the script)"
+    return "the script's"
 
 
 @dataclass
@@ -111,6 +162,9 @@ class Ip2pTrainResult:
     metadata: dict = field(default_factory=dict)
     mode: str = "full"
     diffusers_path: Optional[Path] = None  # LoRA mode with save_diffusers_copy
+    validation_images: list = field(default_factory=list)  # PIL edits of the last validation
+    validation_grid: Any = None  # PIL: the validation edits over steps
+    validation_grid_png: Optional[Path] = None
 
 
 MODES = ("full", "lora")
@@ -163,7 +217,24 @@ def check_config(c: Ip2pTrainConfig) -> None:
         raise TuneLabError(f"unknown scheduler '{c.lr_scheduler}'; choose one of {', '.join(LR_SCHEDULERS)}",
                            input_name="lr_scheduler")
     _check_int(c.lr_warmup_steps, "lr_warmup_steps", 0, MAX_STEPS)
-    _check_int(c.max_train_steps, "max_train_steps", 1, MAX_STEPS)
+    if c.max_train_steps is not None:
+        _check_int(c.max_train_steps, "max_train_steps", 1, MAX_STEPS)
+    _check_int(c.num_train_epochs, "num_train_epochs", 1, 100_000)
+    if c.max_train_samples is not None:
+        _check_int(c.max_train_samples, "max_train_samples", 1, 10_000_000)
+    if c.use_8bit_adam:
+        common.check_optimizer("adamw8bit", "use_8bit_adam")
+    _check_float(c.adam_beta1, "adam_beta1", 0.0, 1.0, lo_ok=True)
+    _check_float(c.adam_beta2, "adam_beta2", 0.0, 1.0, lo_ok=True)
+    common.check_report_to(c.report_to)
+    _check_int(c.validation_steps, "validation_steps", 0, MAX_STEPS)
+    _check_int(c.num_validation_images, "num_validation_images", 1, 16)
+    if c.validation_seed is not None:
+        _check_int(c.validation_seed, "validation_seed", 0, 2**63 - 1)
+    if (c.validation_image is None) != (not (c.validation_prompt or "").strip()):
+        which = "validation_prompt" if c.validation_image is not None else "validation_image"
+        raise TuneLabError("validation needs both an image and an instruction (validation_image and "
+                           "validation_prompt); give the other one too, or neither", input_name=which)
     _check_int(c.train_batch_size, "train_batch_size", 1, 64)
     _check_int(c.gradient_accumulation_steps, "gradient_accumulation_steps", 1, 1024)
     _check_float(c.max_grad_norm, "max_grad_norm", 0.0, 1e6)
@@ -179,7 +250,8 @@ def check_config(c: Ip2pTrainConfig) -> None:
 # what a checkpoint must agree on to resume (run length and outputs may change; the LR schedule needs the length)
 _RUN_ONLY = {"data_dir", "output", "model", "dtype", "device", "run_dir", "resume", "checkpointing_steps",
              "checkpoints_total_limit", "max_nonfinite", "gradient_checkpointing", "max_train_steps",
-             "save_diffusers_copy", "allow_upscale"}
+             "num_train_epochs", "save_diffusers_copy", "validation_image", "validation_prompt",
+             "num_validation_images", "validation_steps", "validation_seed", "report_to", "allow_upscale"}
 
 
 def settings_dict(c: Ip2pTrainConfig) -> dict:
@@ -233,21 +305,28 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
         pairs = [p for p in pairs if p.split == c.split]
     if not pairs:
         raise TuneLabError(f"the dataset has no '{c.split}' rows to train on", input_name="split")
+    if c.max_train_samples is not None and c.max_train_samples < len(pairs):  # a seeded shuffle, then the first N
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(int(c.seed) % (1 << 63)))
+        pairs = [pairs[i] for i in order[: c.max_train_samples].tolist()]
     sizes = [(p.input_path.name, p.images()[0].size) for p in pairs]  # corrupt files, mismatched pairs: named now
     c = replace(c, resolution=common.training_resolution(c.resolution, c.model, [s for _, s in sizes],
                                                          DEFAULT_RESOLUTION))
     common.check_upscale(sizes, c.resolution, c.allow_upscale)
     dataset_hash = _dataset_hash(pairs)
+    validation_image = _load_validation_image(c.validation_image)
+    max_steps = c.max_train_steps or c.num_train_epochs * math.ceil(
+        math.ceil(len(pairs) / c.train_batch_size) / c.gradient_accumulation_steps)
 
     # -- accelerate and the model
     if isinstance(c.model, PipeHandle):
         handle = c.model
         mp = common.resolve_mixed_precision(c.mixed_precision, handle.device, handle.dtype)
-        accelerator = common.make_accelerator(mp, c.gradient_accumulation_steps, handle.device)
+        accelerator = common.make_accelerator(mp, c.gradient_accumulation_steps, handle.device, c.report_to,
+                                              run_dir / "logs")
     else:
         dev = models.resolve_device(c.device)
         mp = common.resolve_mixed_precision(c.mixed_precision, dev, models.resolve_dtype(c.dtype, dev))
-        accelerator = common.make_accelerator(mp, c.gradient_accumulation_steps, dev)
+        accelerator = common.make_accelerator(mp, c.gradient_accumulation_steps, dev, c.report_to, run_dir / "logs")
         handle = models.load(str(c.model), dtype=c.dtype, device=accelerator.device)
     if handle.family not in ("ip2p", "sd15"):
         raise TuneLabError(f"InstructPix2Pix training starts from an InstructPix2Pix or SD1.x model; this pipe is "
@@ -268,14 +347,14 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
         for k in ("rank", "lora_alpha", "target_modules"):
             identity.pop(k, None)
     if c.lr_scheduler not in ("constant", "constant_with_warmup"):
-        identity["max_train_steps"] = c.max_train_steps
+        identity["max_train_steps"] = max_steps
     base_id = common.base_identity(handle)
     ckpt = None
     if c.resume not in (None, "", "none"):
         ckpt = common.load_checkpoint(common.find_checkpoint(ckpt_dir, c.resume), config=identity, base=base_id)
-        if ckpt.step >= c.max_train_steps:
+        if ckpt.step >= max_steps:
             raise TuneLabError(f"the checkpoint {ckpt.path} is at step {ckpt.step}, already at or past "
-                               f"max_train_steps={c.max_train_steps}", input_name="max_train_steps")
+                               f"max_train_steps={max_steps}", input_name="max_train_steps")
 
     # -- components: a private UNet copy (trained, fp32), the shared VAE and text encoder (frozen)
     from diffusers import DDPMScheduler
@@ -328,10 +407,14 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
             unet.enable_gradient_checkpointing()
 
         params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.AdamW(params.values(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                                      weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
+        lr = common.scaled_lr(c.learning_rate, c.scale_lr, c.train_batch_size, c.gradient_accumulation_steps, 1)
+        optimizer = common.make_optimizer(
+            "adamw8bit" if c.use_8bit_adam else "adamw",
+            [{"params": list(params.values()), "lr": lr, "weight_decay": c.adam_weight_decay}],
+            betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, device=device,
+            input_name="use_8bit_adam" if c.use_8bit_adam else "optimizer")
         lr_scheduler = get_scheduler(c.lr_scheduler, optimizer=optimizer, num_warmup_steps=c.lr_warmup_steps,
-                                     num_training_steps=c.max_train_steps)
+                                     num_training_steps=max_steps)
         optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
         scaler = getattr(accelerator, "scaler", None)
         gen = torch.Generator("cpu").manual_seed(int(c.seed) % (1 << 63))  # order, flips, noise, timesteps, dropout
@@ -413,14 +496,19 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
                                           state=state)
 
         last_ckpt = None
-        with common.preserved(vae, text_encoder), common.Control(progress, c.max_train_steps, start=step,
+        tracker = common.Tracker(accelerator, c.report_to, "tunelab-ip2p", settings_dict(c))
+        stack.callback(tracker.close)
+        validate = _Validator(c, handle, unet, run_dir, validation_image, ema, params, accelerator)
+        validation: list = []
+        grad_norm = None
+        with common.preserved(vae, text_encoder), common.Control(progress, max_steps, start=step,
                                                                  desc="train ip2p",
                                                                  max_nonfinite=c.max_nonfinite) as ctl:
             vae.requires_grad_(False)
             text_encoder.requires_grad_(False)
             ctl.check()
             accum = []
-            while step < c.max_train_steps:
+            while step < max_steps:
                 if not accum and ctl.stop_requested():  # only between optimizer steps, so a resume is exact
                     last_ckpt = save_state(step)
                     ctl.interrupted(step, last_ckpt)
@@ -437,7 +525,7 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
                     accelerator.backward(loss)
                     accum.append(float(loss.detach()))
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params.values(), c.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(params.values(), c.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -448,8 +536,14 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
                     losses.append(sum(accum) / max(len(accum), 1))
                     accum = []
                     ctl.stepped(losses[-1])
-                    if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < c.max_train_steps:
+                    tracker.log(step, loss=losses[-1], lr=lr_scheduler.get_last_lr()[0],
+                                grad_norm=float(grad_norm) if grad_norm is not None else None)
+                    if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < max_steps:
                         last_ckpt = save_state(step)
+                    if validate.on and c.validation_steps and step % c.validation_steps == 0 and step < max_steps:
+                        validation = validate(step)
+                        ctl.preview(common.image_row(validation))
+                        tracker.images("validation", validation, step)
             nonfinite = ctl.nonfinite_total
 
         unet.eval()
@@ -462,13 +556,20 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
 
             lora_sd = {k: v.detach().to("cpu").clone()
                        for k, v in get_peft_model_state_dict(unet, adapter_name=common.TRAIN_ADAPTER).items()}
+        grid = grid_path = None
+        if validate.on:  # the trained weights (the EMA's, when on); best effort, never costs the model
+            validation = validate(step, final=True)
+            tracker.images("validation", validation, step)
+            grid, grid_path = common.validation_grid(run_dir / "validation", step, run_dir / "validation_grid.png",
+                                                     caption=str(c.validation_prompt))
 
     settings = settings_dict(c)
     curve_path, curve = common.save_loss_curve(losses, run_dir / "loss_curve.png",
                                                title="InstructPix2Pix training loss")
     result = Ip2pTrainResult(output=output, loss_curve_png=curve_path, loss_curve=curve, losses=losses, steps=step,
                              run_dir=run_dir, resumed_from=ckpt.path if ckpt else None, last_checkpoint=last_ckpt,
-                             nonfinite_skipped=nonfinite, mode=c.mode)
+                             nonfinite_skipped=nonfinite, mode=c.mode, validation_images=validation,
+                             validation_grid=grid, validation_grid_png=grid_path)
     if c.mode == "lora":  # the diffusers copy first, the kohya file last (its presence means "complete")
         result.metadata = {
             "base_model": str(handle.source), "base_model_sha256": handle.sha256 or "",
@@ -504,6 +605,78 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
                        "use_ema": bool(c.use_ema), "settings": settings}
     write_text_atomic(output / "tunelab_training.json", json.dumps(result.metadata, indent=2) + "\n")
     return result
+
+
+def _load_validation_image(image):
+    """The validation image as RGB PIL (a path is opened now, before any model loads), or None."""
+    if image is None:
+        return None
+    if hasattr(image, "convert"):
+        return image.convert("RGB")
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(str(image)).expanduser()
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise TuneLabError(f"cannot read the validation image {path} ({e})", input_name="validation_image") from None
+
+
+class _Validator:
+    """The script's validation: the validation image edited with the validation instruction by the model being
+    trained (20 steps, image guidance 1.5, guidance 7, the seed's settings), at a fixed seed, saved per step as
+    <run_dir>/validation/step-<step>-<nn>.png. With EMA the EMA weights are shown. Best effort."""
+
+    def __init__(self, c, handle, unet, run_dir: Path, image, ema, params, accelerator):
+        self.c, self.handle, self.unet, self.image, self.ema, self.params = c, handle, unet, image, ema, params
+        self.accelerator = accelerator
+        self.folder = run_dir / "validation"
+        self.on = image is not None and bool((c.validation_prompt or "").strip())
+        self.seed = c.seed if c.validation_seed is None else c.validation_seed
+
+    def __call__(self, at_step: int, final: bool = False) -> list:
+        import torch
+        from diffusers import StableDiffusionInstructPix2PixPipeline
+
+        from ..core import images as images_mod
+        from ..core import instruct
+        from ..core.models import LoraRef
+
+        c, unet, pipe = self.c, self.unet, self.handle.pipe
+        was_training = unet.training
+        pics = []
+        use_ema = self.ema is not None and not final  # at the end the EMA weights are already in place
+        try:
+            if use_ema:
+                self.ema.store(self.params.values())
+                self.ema.copy_to(self.params.values())
+            unet.eval()
+            view = StableDiffusionInstructPix2PixPipeline(
+                vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+            view.set_progress_bar_config(disable=True)
+            loras = (LoraRef(adapter=common.TRAIN_ADAPTER, weight=1.0, name="training",
+                             sha256=f"training-{at_step}"),) if c.mode == "lora" else ()
+            h = replace(self.handle, pipe=view, loras=loras)
+            batch = images_mod.pil_to_tensor([self.image])
+            with torch.no_grad(), self.accelerator.autocast():
+                for i in range(c.num_validation_images):
+                    out = instruct.edit(h, batch, c.validation_prompt, seed=self.seed + i)
+                    pics.append(images_mod.tensor_to_pil(out)[0])
+        except Exception as e:  # validation never costs the run
+            log.warning("TuneLab: validation at step %d failed: %s", at_step, e)
+        finally:
+            if use_ema:
+                self.ema.restore(self.params.values())
+            unet.train(was_training)
+            if c.mode == "lora":
+                common.activate_adapter(unet)
+        for i, im in enumerate(pics):
+            images_mod.save_png(im, self.folder / f"step-{at_step:06d}-{i:02d}.png",
+                                {"instruction": c.validation_prompt, "step": at_step, "seed": self.seed + i})
+        return pics
 
 
 def _to_tensor(image, resolution: int):
