@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_comfyui import API_DIR, RUN_TIMEOUT, _prepare, comfy  # noqa: E402,F401  (comfy: the server fixture)
+from test_comfyui import API_DIR, RUN_TIMEOUT, _prepare, comfy, comfy_work  # noqa: E402,F401  (the server fixtures)
 from test_comfyui_lora_keys import _PROBE  # noqa: E402
 from test_train_lora import _write_dataset  # noqa: E402
 
