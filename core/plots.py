@@ -100,9 +100,10 @@ def interval_chart(panels: Sequence[dict], title: str = ""):
                 draw.ellipse([cx - r, ax.y(m) - r, cx + r, ax.y(m) + r], fill=color)
                 draw.text((cx + 10, ax.y(m) - 7), _fmt(m), fill=color, font=font)
             # the label under the axis, wrapped onto two lines
-            words, lines = str(label).split(), ["", ""]
+            words, lines, k = str(label).split(), ["", ""], 0
             for w in words:
-                k = 0 if draw.textlength((lines[0] + " " + w).strip(), font=font) <= slot - 4 or not lines[0] else 1
+                if k == 0 and lines[0] and draw.textlength(lines[0] + " " + w, font=font) > slot - 4:
+                    k = 1  # the rest goes on the second line, in order
                 lines[k] = (lines[k] + " " + w).strip()
             for j, line in enumerate(lines):
                 text = _fit(draw, line, int(slot - 4), font)

@@ -216,6 +216,8 @@ def load(source: str, kind: str = "clip", *, device=None, dtype=None, input_name
         raise TuneLabError(f"no model given for {WHAT[kind]}", input_name=input_name)
     source = str(source).strip()
     dev = resolve_device(device)
+    if dev.type == "cpu":  # "cpu:0" (accelerate's CPU ranks) picks other kernels than "cpu": the last digits differ
+        dev = torch.device("cpu")
     dt = resolve_dtype(dtype or "fp32", dev)
     key = (source, kind, str(dev), str(dt))
     with _LOCK:
