@@ -11,7 +11,7 @@ import logging
 log = logging.getLogger("tunelab")
 
 # Module names under nodes/, in menu order.
-MODULES = ["loader", "prompt", "generate", "lora", "compare", "synthesis", "train", "instruct"]
+MODULES = ["loader", "prompt", "generate", "lora", "compare", "evaluate", "synthesis", "train", "instruct"]
 
 
 def build() -> tuple[dict, dict]:

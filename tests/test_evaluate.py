@@ -221,3 +221,46 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_score_comparison_node(tiny_sdxl, wrong_pipe, tmp_path, monkeypatch):
+    from tunelab.nodes.evaluate import CUSTOM, FILE, ScoreComparison
+
+    out, inp = tmp_path / "output", tmp_path / "input"
+    out.mkdir(), inp.mkdir()
+    monkeypatch.setenv("TUNELAB_OUTPUT", str(out))
+    monkeypatch.setenv("TUNELAB_INPUT", str(inp))
+    (inp / "prompts.txt").write_text("\n".join(PROMPTS))
+    kw = dict(pipe=tiny_sdxl, prompt_set=FILE, prompts="", prompt_file="prompts.txt", seeds="0, 1",
+              default_states="base, lora_negative_only", negative="wrong", steps=2, guidance=9.0, width=64,
+              height=64, scheduler="default", high_noise_frac=0.8, refiner_mode="plain", clip_model="tiny-clip",
+              pickscore_model="tiny-pickscore", output_name="scored/run", resamples=500, stats_seed=0,
+              lora_pipe=wrong_pipe)
+    node = ScoreComparison()
+    half = node.evaluate(shard="0/2", **kw)
+    plot, grids, text = half["result"]
+    assert "shard 0/2" in text and "still to make" in text and grids.shape == (4, 64, 64, 3)
+    full = node.evaluate(shard="1/2", **kw)
+    plot, grids, table = full["result"]
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3 and grids.shape[0] == 2  # one grid per prompt
+    assert table == (out / "scored" / "run" / "report.md").read_text() and "| base |" in table
+    assert full["ui"]["images"][0]["filename"] == "scores.png"
+    # the same job as the core function called directly
+    states = compare.named_states(["base", "lora_negative_only"], tiny_sdxl, wrong_pipe, "wrong")
+    scorers = {"clip_score": scoring.load("tiny-clip", "clip", device="cpu"),
+               "pickscore": scoring.load("tiny-pickscore", "pickscore", device="cpu")}
+    _run(tmp_path / "direct", states, scorers)
+    assert _rows(out / "scored" / "run") == _rows(tmp_path / "direct")
+    # bad inputs name the input, before anything is written
+    for bad, name in ((dict(output_name="../x"), "output_name"), (dict(prompt_file="../p.txt"), "prompt_file"),
+                      (dict(seeds="a"), "seeds"), (dict(default_states="base, nope"), "default_states"),
+                      (dict(prompt_set=CUSTOM, prompts=" "), "prompts"), (dict(shard="2/2"), "shard"),
+                      (dict(clip_model="none", pickscore_model="none"), "scorers")):
+        with pytest.raises(TuneLabError) as e:
+            node.evaluate(**{**kw, "output_name": "never", "shard": "0/1", **bad})
+        assert e.value.input_name == name, bad
+    assert not (out / "never").exists()
+
+
+def _rows(folder):
+    return json.loads((folder / "report.json").read_text())["rows"]
