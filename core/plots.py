@@ -31,10 +31,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 0.5 and len(ticks) < 50:
-        ticks.append(round(t, 10))
-        t += step
+    ticks = [round(start, 10)]
+    while ticks[-1] < hi - step * 1e-9 and len(ticks) < 50:  # the last tick is at or above hi
+        ticks.append(round(start + step * len(ticks), 10))
     return ticks
 
 
@@ -64,11 +63,21 @@ class _Panel:
         return self.bottom - (v - self.ylo) / span * (self.bottom - self.top)
 
 
+MAX_COLUMNS = 3
+
+
+def _origin(i: int, n_panels: int) -> tuple:
+    """Top-left corner of panel i: rows of at most MAX_COLUMNS panels under the title."""
+    cols = min(MAX_COLUMNS, max(1, n_panels))
+    return (i % cols) * PANEL_W, 30 + (i // cols) * PANEL_H
+
+
 def _canvas(n_panels: int, title: str, extra_h: int = 0):
     from PIL import Image, ImageDraw
 
-    cols = max(1, n_panels)
-    img = Image.new("RGB", (cols * PANEL_W, PANEL_H + 30 + extra_h), "white")
+    cols = min(MAX_COLUMNS, max(1, n_panels))
+    rows = -(-max(1, n_panels) // cols)
+    img = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H + 30 + extra_h), "white")
     draw = ImageDraw.Draw(img)
     draw.text((8, 6), title, fill="black", font=_font(16))
     return img, draw
@@ -84,7 +93,7 @@ def interval_chart(panels: Sequence[dict], title: str = ""):
         values = [v for v in list(panel["lows"]) + list(panel["highs"]) + list(panel["means"]) if math.isfinite(v)]
         lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
         pad = (hi - lo) * 0.1
-        ax = _Panel(draw, p_i * PANEL_W, 30, panel["title"], lo - pad, hi + pad, panel.get("ylabel", ""))
+        ax = _Panel(draw, *_origin(p_i, len(panels)), panel["title"], lo - pad, hi + pad, panel.get("ylabel", ""))
         n = len(panel["labels"])
         slot = (ax.right - ax.left) / max(1, n)
         font = _font(11)
@@ -128,7 +137,7 @@ def line_chart(panels: Sequence[dict], title: str = "", xlabel: str = ""):
         xs = [v for s in panel["series"] for v in s["x"]]
         lo, hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
         pad = (hi - lo) * 0.08
-        ax = _Panel(draw, p_i * PANEL_W, 30, panel["title"], lo - pad, hi + pad)
+        ax = _Panel(draw, *_origin(p_i, len(panels)), panel["title"], lo - pad, hi + pad)
         xt = nice_ticks(min(xs), max(xs)) if xs else [0.0, 1.0]
         x_lo, x_hi = (min(xs), max(xs)) if xs and max(xs) > min(xs) else (xt[0], xt[-1])
         pad_x = (x_hi - x_lo) * 0.05 or 0.5
@@ -149,7 +158,7 @@ def line_chart(panels: Sequence[dict], title: str = "", xlabel: str = ""):
                 draw.line(pts, fill=color, width=2)
             for px, py in pts:
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-    y0 = 30 + PANEL_H + 4
+    y0 = 30 + -(-max(1, len(panels)) // min(MAX_COLUMNS, max(1, len(panels)))) * PANEL_H + 4
     for i, label in enumerate(series_labels):
         x, y = 12 + (i % 3) * 300, y0 + 18 * (i // 3)
         color = COLORS[i % len(COLORS)]
