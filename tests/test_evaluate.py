@@ -264,3 +264,22 @@ def test_score_comparison_node(tiny_sdxl, wrong_pipe, tmp_path, monkeypatch):
 
 def _rows(folder):
     return json.loads((folder / "report.json").read_text())["rows"]
+
+
+def test_evaluate_cli_refuses_before_loading(tmp_path, capsys, monkeypatch):
+    from tunelab.cli import main
+    from tunelab.core import models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    monkeypatch.setenv("TUNELAB_MODELS", str(tmp_path / "models"))
+    for extra, text in ((["--states", "base,nope"], "unknown state"), (["--seeds", "1", "1"], "twice"),
+                        (["--size", "60", "64"], "multiple of 8"), (["--prompts", "missing.txt"], "cannot read"),
+                        (["--resamples", "3"], "resamples"),
+                        (["--model", "real.safetensors", "--lora", "x.safetensors"], "models/scorers")):
+        out = tmp_path / "never"
+        assert main(["evaluate", "--out", str(out), *extra]) == 2, extra
+        assert text in capsys.readouterr().err, extra
+        assert not out.exists()

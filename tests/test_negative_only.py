@@ -152,3 +152,22 @@ def test_comparison_state_node_and_compare_node(tiny_sdxl, wrong_pipe, tmp_path,
     assert panels.shape[0] == 2
     expected = state_image(compare.named_states(["lora_negative_only"], tiny_sdxl, wrong_pipe, "wrong")[0])
     assert (panels[1] - expected[0]).abs().max() <= 1 / 255 + 1e-6  # via an 8-bit PNG panel
+
+
+def test_compare_cli_states(tmp_path, capsys):
+    import json
+    import os
+
+    from tunelab.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), "--steps", "2", "--size", "64", "64", "--seed", "3",
+                 "--states", "base_negative,lora_negative_only"]) == 0
+    assert sorted(os.listdir(out)) == ["01.png", "02.png", "grid.png", "settings.json"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert [s["lora_on"] for s in settings["states"]] == ["both", "negative"]
+    capsys.readouterr()
+    assert main(["compare", "--out", str(tmp_path / "bad"), "--states", "base,npo"]) == 2
+    assert "unknown state" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["compare", "--out", str(tmp_path / "bad"), "--refiner-mode", "negative-only"]) == 2
+    assert not (tmp_path / "bad").exists()
