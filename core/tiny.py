@@ -199,6 +199,7 @@ def wrong_lora() -> Path:
 _OPENAI_MEAN, _OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 _IMAGENET_MEAN, _IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SCORER_SIDE = 32  # input side of the tiny vision towers
+_SCORER_VERSION = 2  # bump when a scorer builder changes
 
 
 def _image_processor_config(kind: str) -> dict:
@@ -242,12 +243,15 @@ def _build_scorer(name: str, folder: Path):
             # a shared direction in both towers' outputs, so cosines are mostly positive (like a trained CLIP's
             # 0.2..0.4) and the CLIP score, max(100 cos, 0), is not mostly zero: every LayerNorm output has the
             # mean of its bias, which this rank-1 term maps onto one common vector
+            # (the projections are drawn here, not by transformers' initialiser, which differs between releases)
             torch.manual_seed(_SEED + 203)
             common = torch.randn(cfg.projection_dim)
             for norm, proj in ((model.vision_model.post_layernorm, model.visual_projection),
                                (model.text_model.final_layer_norm, model.text_projection)):
+                width = proj.weight.shape[1]
                 norm.bias.fill_(1.0)
-                proj.weight.add_(torch.outer(common, torch.ones(proj.weight.shape[1])) * (0.6 / proj.weight.shape[1]))
+                proj.weight.copy_(torch.randn(proj.weight.shape) / math.sqrt(width)
+                                  + torch.outer(common, torch.ones(width)) * (1.5 / width))
             if name == "tiny-pickscore":  # PickScore's learned temperature: logit_scale.exp() == 100
                 model.logit_scale.fill_(math.log(100.0))
         tok.save_pretrained(str(folder))
@@ -261,7 +265,7 @@ def ensure_scorer(name: str) -> Path:
     """The tiny scoring model's transformers folder, built and saved on first use (temp dir, then renamed)."""
     if name not in SCORER_PRESETS:
         raise KeyError(name)
-    final = cache_dir() / f"{name}-v{_VERSION}"
+    final = cache_dir() / f"{name}-v{_SCORER_VERSION}"
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
