@@ -171,3 +171,21 @@ def test_compare_cli_states(tmp_path, capsys):
     assert "unknown state" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["compare", "--out", str(tmp_path / "bad"), "--refiner-mode", "negative-only"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_changed_batch_order_is_refused(tiny_sdxl, wrong_pipe):
+    """If a diffusers release put the positive half first, the split would swap the branches: it must refuse."""
+    cond = encode(tiny_sdxl, PROMPT, "wrong")
+    kw = cond.diffusers_kwargs()
+    split = sampling.NegativeBranchLora(tiny_sdxl, wrong_pipe, kw)
+    latents = torch.zeros(2, 4, 8, 8)
+    added = {"text_embeds": torch.cat([cond.negative_pooled, cond.pooled]),
+             "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}
+    with split, torch.no_grad():
+        out = tiny_sdxl.pipe.unet(latents, 10, encoder_hidden_states=torch.cat([cond.negative_embeds, cond.embeds]),
+                                  added_cond_kwargs=added, return_dict=False)[0]
+        assert out.shape == (2, 4, 8, 8) and split.calls == 1
+        with pytest.raises(TuneLabError, match="negative prompt where TuneLab expects it"):
+            tiny_sdxl.pipe.unet(latents, 10, encoder_hidden_states=torch.cat([cond.embeds, cond.negative_embeds]),
+                                added_cond_kwargs=added, return_dict=False)
+    assert "forward" not in vars(tiny_sdxl.pipe.unet)
