@@ -47,23 +47,38 @@ _EXTENSIONS = {
 }
 
 
+# Model folder kinds that hold *folders* (one model per subfolder) and the file that marks one.
+# "scorers" is TuneLab's own: models/scorers/<name>/ holds a transformers model folder (CLIP, PickScore, DINOv2)
+# for scored comparisons and learned metrics; it is registered with folder_paths on first use, so
+# extra_model_paths.yaml may add more roots under the key `scorers`.
+_FOLDER_KINDS = {"diffusers": "model_index.json", "scorers": "config.json"}
+
+
+def _register(folder_paths, kind: str) -> None:
+    if kind == "scorers" and kind not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
+
+
 def filename_list(kind: str) -> list[str]:
-    """Files of a model folder kind ("checkpoints", "loras", "vae"), or model folders for "diffusers"."""
+    """Files of a model folder kind ("checkpoints", "loras", "vae"), or model folders for "diffusers" and
+    "scorers"."""
     c = _comfy()
     if c is not None:
         folder_paths = c[0]
-        if kind == "diffusers":
+        _register(folder_paths, kind)
+        if kind in _FOLDER_KINDS:
+            marker = _FOLDER_KINDS[kind]
             names = []
-            for root in folder_paths.get_folder_paths("diffusers"):
+            for root in folder_paths.get_folder_paths(kind):
                 if os.path.isdir(root):
-                    names += [d for d in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, d, "model_index.json"))]
+                    names += [d for d in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, d, marker))]
             return names
         return list(folder_paths.get_filename_list(kind))
     root = local_models_dir() / kind
     if not root.is_dir():
         return []
-    if kind == "diffusers":
-        return [p.name for p in sorted(root.iterdir()) if (p / "model_index.json").is_file()]
+    if kind in _FOLDER_KINDS:
+        return [p.name for p in sorted(root.iterdir()) if (p / _FOLDER_KINDS[kind]).is_file()]
     return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*")
                   if p.is_file() and p.suffix.lower() in _EXTENSIONS.get(kind, (".safetensors",)))
 
@@ -73,10 +88,11 @@ def full_path(kind: str, name: str) -> Optional[Path]:
     c = _comfy()
     if c is not None:
         folder_paths = c[0]
-        if kind == "diffusers":
-            for root in folder_paths.get_folder_paths("diffusers"):
+        _register(folder_paths, kind)
+        if kind in _FOLDER_KINDS:
+            for root in folder_paths.get_folder_paths(kind):
                 p = Path(root) / name
-                if (p / "model_index.json").is_file():
+                if (p / _FOLDER_KINDS[kind]).is_file():
                     return p
             return None
         p = folder_paths.get_full_path(kind, name)
@@ -88,6 +104,7 @@ def full_path(kind: str, name: str) -> Optional[Path]:
 def model_dirs(kind: str) -> list[Path]:
     c = _comfy()
     if c is not None:
+        _register(c[0], kind)
         return [Path(p) for p in c[0].get_folder_paths(kind)]
     return [local_models_dir() / kind]
 
@@ -601,3 +618,19 @@ def comfyui_version():
         return comfyui_version.__version__
     except Exception:
         return None
+def scorer_choices(kind: str) -> list[str]:
+    """For a scorer input ("clip", "pickscore", "dino"): its tiny preset, then the folders in models/scorers."""
+    from .core import scoring
+
+    return [scoring.DEFAULT_PRESETS[kind]] + filename_list("scorers")
+
+
+def resolve_scorer(name: str) -> str:
+    """A scorer choice -> what `core.scoring.load` takes: a preset, the folder in models/scorers of that name, or
+    the text as a path (the core says what is wrong with it)."""
+    from .core import tiny
+
+    if name in tiny.SCORER_PRESETS:
+        return name
+    p = full_path("scorers", name)
+    return str(p) if p else name

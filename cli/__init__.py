@@ -18,6 +18,8 @@ COMMANDS = {
     "workflows": (".workflows", "validate workflows/*.json and write their API twins (--check: verify only)"),
     "queue": (".queue", "run an API-format workflow on a ComfyUI server and download its images"),
     "compare": (".compare", "three-way comparison: base, base + negative 'wrong', LoRA + negative 'wrong'"),
+    "evaluate": (".evaluate", "scored comparison over prompts x seeds x states: CLIP score, PickScore, paired "
+                              "statistics (resumable; accelerate launch shards it)"),
     "synth": (".synth", "synthesize the 'wrong' dataset (resumable, --shard I/N; --merge to finish shards)"),
     "train-lora": (".train_lora", "train a Dreambooth LoRA for SDXL (optional pivotal tuning); resumable"),
     "edit": (".edit", "InstructPix2Pix: edit an image with an instruction (output keeps the input's size)"),

@@ -26,6 +26,19 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="one seed for every example and model (default 0)")
     p.add_argument("--limit", type=int, default=10, help="first N held-out pairs (default 10; 0: all)")
     p.add_argument("--negative", default="", help="optional negative prompt for every model")
+    p.add_argument("--clip-model", default=None,
+                   help="CLIP model (folder in models/scorers, a path, or tiny-clip) for CLIP image similarity to the "
+                        "ground truth / input and CLIP directional similarity (default: none)")
+    p.add_argument("--dino-model", default=None,
+                   help="DINOv2 model (folder in models/scorers, a path, or tiny-dinov2) for DINOv2 similarity "
+                        "(default: none)")
+    p.add_argument("--caption-columns", default=None, metavar="IN,OUT",
+                   help="dataset columns with the input and edited captions, for the directional similarity "
+                        "(default: input_caption,edited_caption or original_prompt,edited_prompt when present)")
+    p.add_argument("--sweep-image-guidance", type=float, nargs="+", default=None, metavar="IG",
+                   help="sweep these image guidance values (with --sweep-guidance: the grid); writes sweep.png")
+    p.add_argument("--sweep-guidance", type=float, nargs="+", default=None, metavar="G",
+                   help="sweep these text guidance values")
     add_device(p)
     p.add_argument("--out", required=True, help="output folder for images, grids and reports")
 
@@ -88,9 +101,16 @@ def model_specs(models, loras) -> list:
 
 def run(args) -> int:
     from .. import host
-    from ..core import instruct, lora, models, tiny
+    from ..core import instruct, lora, models, scoring, tiny
 
+    # checked before any model loads
+    instruct.parse_caption_columns(args.caption_columns)
+    for values, name in ((args.sweep_image_guidance, "image_guidance_sweep"), (args.sweep_guidance, "guidance_sweep")):
+        instruct.parse_guidance_values(values or [], name)
     specs = model_specs(args.model, args.lora)
+    scorers = {kind: None if not source or source == "none" else
+               scoring.load(host.resolve_scorer(source), kind, device=args.device, input_name=f"{kind}_model")
+               for kind, source in (("clip", args.clip_model), ("dino", args.dino_model))}
     labelled = []
     for spec in specs:
         handle = models.load(host.resolve_model(spec.base), dtype=args.dtype, device=args.device)
@@ -99,9 +119,18 @@ def run(args) -> int:
         labelled.append((spec.label, handle) if spec.label else handle)
     if any(spec.base in tiny.PRESETS for spec in specs):
         print("note: tiny presets are toy models that produce noise; their scores mean nothing.")
-    ev = instruct.evaluate(labelled, args.dataset, steps=args.steps, image_guidance=args.image_guidance,
-                           guidance=args.guidance, seed=args.seed, limit=args.limit, negative=args.negative,
-                           columns=args.columns, out_dir=args.out)
+    common = dict(steps=args.steps, seed=args.seed, limit=args.limit, negative=args.negative, columns=args.columns,
+                  clip=scorers["clip"], dino=scorers["dino"], caption_columns=args.caption_columns, out_dir=args.out)
+    if args.sweep_image_guidance or args.sweep_guidance:
+        sw = instruct.sweep(labelled, args.dataset, image_guidances=args.sweep_image_guidance or [args.image_guidance],
+                            guidances=args.sweep_guidance or [args.guidance], **common)
+        for ev in sw.evaluations.values():
+            print(ev.table, end="")
+        print(f"wrote {len(sw.evaluations)} setting(s) and {sw.paths['plot']} (metrics against image guidance), "
+              f"{sw.paths['csv'].name}, {sw.paths['json'].name} to {args.out}")
+        return 0
+    ev = instruct.evaluate(labelled, args.dataset, image_guidance=args.image_guidance, guidance=args.guidance,
+                           **common)
     print(ev.table, end="")
     print(f"wrote {len(ev.paths['images'])} image(s), {len(ev.paths['grids'])} grid(s) and reports to {args.out}")
     return 0

@@ -213,9 +213,45 @@ def _dir_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@+-]+", "_", label).strip("._") or "model"
 
 
+# Caption columns the directional similarity looks for (input caption, edited caption): TuneLab's own, and the
+# InstructPix2Pix datasets' (timbrooks/instructpix2pix-clip-filtered: original_prompt / edited_prompt).
+CAPTION_COLUMNS = (("input_caption", "edited_caption"), ("original_prompt", "edited_prompt"),
+                   ("input_prompt", "output_prompt"), ("caption_before", "caption_after"))
+
+
+def parse_caption_columns(value, input_name: str = "caption_columns"):
+    """"IN,OUT" -> ("IN", "OUT"); "" / None -> None (look for the known names)."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, (tuple, list)):
+        parts = [str(v).strip() for v in value]
+    else:
+        parts = [v.strip() for v in str(value).split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise TuneLabError(f"'{value}' is not two caption columns; write INPUT_CAPTION,EDITED_CAPTION, e.g. "
+                           "original_prompt,edited_prompt", input_name=input_name)
+    return tuple(parts)
+
+
+def caption_pair(pair, columns=None):
+    """(input caption, edited caption) of a dataset pair, or None when its row has no captions."""
+    row = getattr(pair, "row", None) or {}
+    for a, b in ([columns] if columns else CAPTION_COLUMNS):
+        if isinstance(row.get(a), str) and row[a].strip() and isinstance(row.get(b), str) and row[b].strip():
+            return row[a].strip(), row[b].strip()
+    return None
+
+
+def _check_scorer(scorer, kind: str, input_name: str):
+    if scorer is not None and getattr(scorer, "kind", None) not in (kind,) + (("pickscore",) if kind == "clip" else ()):
+        raise TuneLabError(f"expected a {kind} model, got {getattr(scorer, 'kind', type(scorer).__name__)}",
+                           input_name=input_name)
+
+
 def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
              guidance: float = DEFAULT_GUIDANCE, seed: int = 0, limit: int = 0, negative: str = "",
-             columns="tunelab", out_dir=None, progress=None) -> Evaluation:
+             columns="tunelab", clip=None, dino=None, caption_columns=None, out_dir=None,
+             progress=None) -> Evaluation:
     """Run each model on the dataset's held-out pairs (its 'validation'/'test' split if it has one, else every
     pair; the first `limit` when > 0) with the pair's own instruction, at the seed's settings (20 steps, image
     guidance 1.5, text guidance 7.0), and score each output against the ground truth with PSNR and SSIM.
@@ -225,6 +261,11 @@ def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidan
     `<model>/<example>/steps@20-igs@1.5-gs@7.0.png` (the seed's layout), `grids/<example>.png` (input | each model |
     ground truth), `report.json`, `report.csv` (one row per model and example), `summary.csv` and `report.txt`
     (mean PSNR/SSIM per model, overall and per task).
+
+    With `clip` (a `core.scoring` CLIP scorer) every output also gets its CLIP image similarity to the ground truth
+    and to the input, and, for pairs whose row has captions (`caption_columns`, else the known names in
+    `CAPTION_COLUMNS`), the CLIP directional similarity; with `dino` (a DINOv2 scorer) its DINOv2 similarity to the
+    ground truth and to the input (see `metrics`). All on the saved 8-bit images.
     """
     from pathlib import Path
 
@@ -233,6 +274,9 @@ def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidan
 
     labelled = _labelled(models)
     check_settings(steps, image_guidance, guidance)
+    _check_scorer(clip, "clip", "clip_model")
+    _check_scorer(dino, "dino", "dino_model")
+    caption_columns = parse_caption_columns(caption_columns)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise TuneLabError(f"{limit!r} must be 0 (all) or a positive number of examples", input_name="limit")
     metrics._skimage_metrics()  # fail before any model runs when scikit-image is missing
@@ -248,6 +292,7 @@ def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidan
             bar.check()
             source, truth = pair.images()
             tensor = images_mod.pil_to_tensor([source])
+            refs = _reference_embeddings(pair, source, truth, clip, dino, caption_columns)
             panels = []
             for label, handle in labelled:
                 result = edit(handle, tensor, pair.instruction, image_guidance=image_guidance, guidance=guidance,
@@ -258,9 +303,9 @@ def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidan
                 rel = f"{_dir_name(label)}/{pair.name}/{fname}"
                 if out is not None:
                     paths["images"].append(images_mod.save_png(image, out / rel))
-                scores = metrics.measure(image, truth)
+                scores = {**metrics.measure(image, truth), **_learned(image, refs, clip, dino)}
                 rows.append({"model": label, "example": pair.name, "task": pair.task, "instruction": pair.instruction,
-                             "psnr": scores["psnr"], "ssim": scores["ssim"], "image": rel})
+                             **scores, "image": rel})
             grid = images_mod.labelled_grid([source, *panels, truth], ["input", *[l for l, _ in labelled],
                                                                           "ground truth"],
                                             caption=f"{pair.name}: {pair.instruction}")
@@ -271,7 +316,11 @@ def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidan
     settings = {"dataset": Path(dataset_folder).name, "examples": len(pairs), "steps": int(steps),
                 "image_guidance": float(image_guidance), "guidance": float(guidance), "seed": int(seed),
                 "negative": negative, "limit": limit, "metrics": "PSNR (dB, inf when identical) and SSIM from "
-                "scikit-image, on the saved 8-bit images",
+                "scikit-image, on the saved 8-bit images" + (", CLIP image similarity and directional similarity"
+                                                             if clip is not None else "")
+                + (", DINOv2 similarity" if dino is not None else ""),
+                "scorers": {k: v.identity for k, v in (("clip", clip), ("dino", dino)) if v is not None},
+                "caption_columns": list(caption_columns) if caption_columns else None,
                 "models": [{"label": l, **h.describe()} for l, h in labelled], "versions": versions()}
     evaluation = Evaluation(settings=settings, rows=rows, summary=summary, table=format_table(summary, settings),
                             grids=grids, paths=paths)
@@ -280,11 +329,57 @@ def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidan
     return evaluation
 
 
+def _reference_embeddings(pair, source, truth, clip, dino, caption_columns) -> dict:
+    """The input's and ground truth's embeddings (and the captions'), computed once per pair for every model."""
+    refs = {}
+    if clip is not None:
+        refs["clip_input"], refs["clip_truth"] = clip.image_embedding(source), clip.image_embedding(truth)
+        captions = caption_pair(pair, caption_columns)
+        if captions:
+            refs["text_input"], refs["text_edited"] = (clip.text_embedding(c) for c in captions)
+    if dino is not None:
+        refs["dino_input"], refs["dino_truth"] = dino.image_embedding(source), dino.image_embedding(truth)
+    return refs
+
+
+def _learned(image, refs: dict, clip, dino) -> dict:
+    from . import metrics
+
+    out = {}
+    if clip is not None:
+        e = clip.image_embedding(image)
+        out["clip_to_truth"] = metrics.embedding_similarity(e, refs["clip_truth"])
+        out["clip_to_input"] = metrics.embedding_similarity(e, refs["clip_input"])
+        if "text_input" in refs:
+            out["clip_directional"] = metrics.directional_similarity(refs["clip_input"], e, refs["text_input"],
+                                                                     refs["text_edited"])
+    if dino is not None:
+        e = dino.image_embedding(image)
+        out["dino_to_truth"] = metrics.embedding_similarity(e, refs["dino_truth"])
+        out["dino_to_input"] = metrics.embedding_similarity(e, refs["dino_input"])
+    return out
+
+
+def metric_keys(rows: list) -> list:
+    """The metrics present in the rows, in report order: psnr, ssim, then the learned ones."""
+    from . import metrics
+
+    return ["psnr", "ssim"] + [k for k in metrics.LEARNED if any(k in r for r in rows)]
+
+
 def summarize(rows: list, labels: list) -> dict:
     from . import metrics
 
+    keys = metric_keys(rows)
+
     def stats(rs):
-        return {"n": len(rs), "psnr": metrics.mean(r["psnr"] for r in rs), "ssim": metrics.mean(r["ssim"] for r in rs)}
+        out = {"n": len(rs)}
+        for k in keys:
+            values = [r[k] for r in rs if k in r]
+            out[k] = metrics.mean(values)
+            if k == "clip_directional":
+                out["n_directional"] = len(values)  # only pairs with captions
+        return out
 
     summary = {}
     for label in labels:
@@ -296,15 +391,24 @@ def summarize(rows: list, labels: list) -> dict:
     return summary
 
 
+def _summary_keys(summary: dict) -> list:
+    from . import metrics
+
+    present = {k for s in summary.values() for k in s["all"]}
+    return ["psnr", "ssim"] + [k for k in metrics.LEARNED if k in present]
+
+
 def format_table(summary: dict, settings: dict) -> str:
     from . import metrics
 
-    lines = [(("model", "task", "n", "PSNR (dB)", "SSIM"))]
+    keys = _summary_keys(summary)
+    names = {"psnr": "PSNR (dB)", "ssim": "SSIM", **metrics.LEARNED_NAMES}
+    lines = [("model", "task", "n", *[names[k] for k in keys])]
     for label, s in summary.items():
-        lines.append((label, "all", str(s["all"]["n"]), metrics.fmt(s["all"]["psnr"]), metrics.fmt(s["all"]["ssim"])))
+        lines.append((label, "all", str(s["all"]["n"]), *[metrics.fmt(s["all"].get(k, math.nan)) for k in keys]))
         for task, t in s["tasks"].items():
-            lines.append(("", task, str(t["n"]), metrics.fmt(t["psnr"]), metrics.fmt(t["ssim"])))
-    widths = [max(len(row[i]) for row in lines) for i in range(5)]
+            lines.append(("", task, str(t["n"]), *[metrics.fmt(t.get(k, math.nan)) for k in keys]))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     text = [f"dataset {settings['dataset']}: {settings['examples']} example(s), steps {settings['steps']}, "
             f"image guidance {settings['image_guidance']}, guidance {settings['guidance']}, seed {settings['seed']}"]
     for k, row in enumerate(lines):
@@ -325,26 +429,26 @@ def save_report(evaluation: Evaluation, out_dir) -> dict:
     from .files import write_text_atomic
 
     out = Path(out_dir)
-    jrows = [{**r, "psnr": metrics.json_value(r["psnr"]), "ssim": metrics.json_value(r["ssim"])}
-             for r in evaluation.rows]
+    keys = metric_keys(evaluation.rows)
+    jrows = [{**r, **{k: metrics.json_value(r[k]) for k in keys if k in r}} for r in evaluation.rows]
     jsummary = {m: {"all": _json_stats(s["all"]), "tasks": {t: _json_stats(v) for t, v in s["tasks"].items()}}
                 for m, s in evaluation.summary.items()}
     write_text_atomic(out / "report.json", json.dumps({"settings": evaluation.settings, "summary": jsummary,
                                                        "examples": jrows}, indent=2, allow_nan=False) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["model", "example", "task", "instruction", "psnr", "ssim", "image"])
+    w.writerow(["model", "example", "task", "instruction", *keys, "image"])
     for r in evaluation.rows:
-        w.writerow([r["model"], r["example"], r["task"], r["instruction"], metrics.fmt(r["psnr"], 6),
-                    metrics.fmt(r["ssim"], 6), r["image"]])
+        w.writerow([r["model"], r["example"], r["task"], r["instruction"],
+                    *[metrics.fmt(r[k], 6) if k in r else "" for k in keys], r["image"]])
     write_text_atomic(out / "report.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["model", "task", "n", "psnr", "ssim"])
+    w.writerow(["model", "task", "n", *keys])
     for m, s in evaluation.summary.items():
-        w.writerow([m, "all", s["all"]["n"], metrics.fmt(s["all"]["psnr"], 6), metrics.fmt(s["all"]["ssim"], 6)])
+        w.writerow([m, "all", s["all"]["n"], *[metrics.fmt(s["all"].get(k, math.nan), 6) for k in keys]])
         for t, v in s["tasks"].items():
-            w.writerow([m, t, v["n"], metrics.fmt(v["psnr"], 6), metrics.fmt(v["ssim"], 6)])
+            w.writerow([m, t, v["n"], *[metrics.fmt(v.get(k, math.nan), 6) for k in keys]])
     write_text_atomic(out / "summary.csv", buf.getvalue())
     write_text_atomic(out / "report.txt", evaluation.table)
     evaluation.paths.update({k: out / f for k, f in (("json", "report.json"), ("csv", "report.csv"),
@@ -355,4 +459,145 @@ def save_report(evaluation: Evaluation, out_dir) -> dict:
 def _json_stats(s: dict) -> dict:
     from . import metrics
 
-    return {"n": s["n"], "psnr": metrics.json_value(s["psnr"]), "ssim": metrics.json_value(s["ssim"])}
+    return {k: (v if k.startswith("n") else metrics.json_value(v)) for k, v in s.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# guidance sweep: image guidance x text guidance, every metric against image guidance (the InstructPix2Pix
+# paper's trade-off: more image guidance keeps the input, more text guidance follows the instruction)
+
+MAX_SWEEP_SETTINGS = 64
+
+
+def parse_guidance_values(value, input_name: str) -> list:
+    """"1, 1.5, 2" / [1, 1.5] -> distinct floats in 0..MAX_GUIDANCE, in order."""
+    import re
+
+    parts = re.split(r"[,\s;]+", value.strip()) if isinstance(value, str) else list(value or ())
+    out = []
+    for p in parts:
+        if p == "":
+            continue
+        try:
+            v = float(p)
+        except (TypeError, ValueError):
+            raise TuneLabError(f"'{p}' is not a number; give values like 1, 1.5, 2", input_name=input_name) from None
+        if not math.isfinite(v) or not 0 <= v <= MAX_GUIDANCE:
+            raise TuneLabError(f"{p} is out of range; use 0..{MAX_GUIDANCE:g}", input_name=input_name)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+@dataclass
+class Sweep:
+    points: list  # {"model", "image_guidance", "guidance", "n", metric: mean, ...} per model and setting
+    evaluations: dict  # (image_guidance, guidance) -> Evaluation
+    plot: object  # PIL image
+    paths: dict = field(default_factory=dict)
+
+
+def sweep(models, dataset_folder, *, image_guidances, guidances, steps: int = DEFAULT_STEPS, seed: int = 0,
+          limit: int = 0, negative: str = "", columns="tunelab", clip=None, dino=None, caption_columns=None,
+          out_dir=None, progress=None) -> Sweep:
+    """`evaluate` at every (image guidance, text guidance) of the grid, each setting in its own subfolder
+    `steps@..-igs@..-gs@../` of `out_dir`, then `sweep.json`, `sweep.csv` and `sweep.png` (one panel per metric
+    against image guidance, a line per model and text guidance)."""
+    from pathlib import Path
+
+    from . import metrics
+
+    igs = parse_guidance_values(image_guidances, "image_guidance_sweep")
+    tgs = parse_guidance_values(guidances, "guidance_sweep")
+    if not igs or not tgs:
+        raise TuneLabError("the sweep needs at least one image guidance and one text guidance value",
+                           input_name="image_guidance_sweep" if not igs else "guidance_sweep")
+    if len(igs) * len(tgs) > MAX_SWEEP_SETTINGS:
+        raise TuneLabError(f"{len(igs)} x {len(tgs)} settings is over the limit of {MAX_SWEEP_SETTINGS}",
+                           input_name="image_guidance_sweep")
+    for ig in igs:
+        for tg in tgs:
+            check_settings(steps, ig, tg)
+    labelled = _labelled(models)  # checked before anything runs
+    out = Path(out_dir) if out_dir is not None else None
+    points, evaluations = [], {}
+    n_pairs = len(_held_out(dataset_folder, columns, limit))
+    total = len(igs) * len(tgs) * len(labelled) * n_pairs * int(steps)
+    with progress_mod.make(progress, total, "guidance sweep") as bar:
+        for tg in tgs:
+            for ig in igs:
+                bar.check()
+                sub = None if out is None else out / settings_name(steps, ig, tg)
+                ev = evaluate(labelled, dataset_folder, steps=steps, image_guidance=ig, guidance=tg, seed=seed,
+                              limit=limit, negative=negative, columns=columns, clip=clip, dino=dino,
+                              caption_columns=caption_columns, out_dir=sub,
+                              progress=lambda t, d: _SubProgress(bar, t, d))
+                evaluations[(ig, tg)] = ev
+                points += sweep_points(ev)
+    keys = ["psnr", "ssim"] + [k for k in metrics.LEARNED if any(k in p for p in points)]
+    chart = guidance_chart(points, steps=steps, seed=seed)
+    result = Sweep(points=points, evaluations=evaluations, plot=chart)
+    if out is not None:
+        result.paths = _save_sweep(result, out, keys, {"image_guidance": igs, "guidance": tgs, "steps": int(steps),
+                                                       "seed": int(seed), "limit": limit, "negative": negative})
+    return result
+
+
+def sweep_points(evaluation: Evaluation) -> list:
+    """One point per model of an evaluation: its overall means at the evaluation's guidance setting."""
+    st = evaluation.settings
+    return [{"model": label, "image_guidance": st["image_guidance"], "guidance": st["guidance"], **s["all"]}
+            for label, s in evaluation.summary.items()]
+
+
+def guidance_chart(points: list, *, steps: int, seed: int):
+    """One panel per metric against image guidance, a line per (model, text guidance)."""
+    from . import metrics
+    from .plots import line_chart
+
+    keys = ["psnr", "ssim"] + [k for k in metrics.LEARNED if any(k in p for p in points)]
+    names = {"psnr": "PSNR (dB)", "ssim": "SSIM", **metrics.LEARNED_NAMES}
+    models = list(dict.fromkeys(p["model"] for p in points))
+    tgs = list(dict.fromkeys(p["guidance"] for p in points))
+    panels = []
+    for k in keys:
+        series = []
+        for label in models:
+            for tg in tgs:
+                mine = sorted((p for p in points if p["model"] == label and p["guidance"] == tg),
+                              key=lambda p: p["image_guidance"])
+                series.append({"label": f"{label}, text guidance {tg:g}", "x": [p["image_guidance"] for p in mine],
+                               "y": [p.get(k, math.nan) for p in mine]})
+        panels.append({"title": names[k], "series": series})
+    return line_chart(panels, title=f"metrics against image guidance ({steps} steps, seed {seed})",
+                      xlabel="image guidance")
+
+
+def _held_out(dataset_folder, columns, limit):
+    from . import instruct_data
+
+    pairs = instruct_data.held_out(dataset_folder, columns=columns)
+    return pairs[:limit] if limit else pairs
+
+
+def _save_sweep(result: Sweep, out, keys: list, settings: dict) -> dict:
+    import csv
+    import io
+    import json
+
+    from . import images as images_mod, metrics
+    from .files import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    jpoints = [{k: (metrics.json_value(v) if k in keys else v) for k, v in p.items()} for p in result.points]
+    write_text_atomic(out / "sweep.json", json.dumps({"settings": settings, "metrics": keys, "points": jpoints},
+                                                     indent=2, allow_nan=False) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["model", "image_guidance", "guidance", "n", *keys])
+    for p in result.points:
+        w.writerow([p["model"], p["image_guidance"], p["guidance"], p["n"],
+                    *[metrics.fmt(p.get(k, math.nan), 6) for k in keys]])
+    write_text_atomic(out / "sweep.csv", buf.getvalue())
+    images_mod.save_png(result.plot, out / "sweep.png")
+    return {"json": out / "sweep.json", "csv": out / "sweep.csv", "plot": out / "sweep.png"}

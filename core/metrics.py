@@ -123,3 +123,49 @@ def json_value(value):
         return None
     value = float(value)
     return value if math.isfinite(value) else fmt(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learned similarities (embeddings from `core.scoring`: CLIP's projected image/text embeddings, DINOv2's CLS)
+#
+# - CLIP image similarity: cos(E(image), E(reference)) with CLIP's image tower (how close in content/style).
+# - DINOv2 similarity: the same with DINOv2's pooled CLS token (more sensitive to structure and identity).
+# - CLIP directional similarity (InstructPix2Pix, Brooks et al. 2023, and diffusers' evaluation guide):
+#   cos(E(edited) - E(input), T(edited caption) - T(input caption)), each embedding L2-normalised first: does the
+#   change in the image follow the change the captions describe. Needs captions of the input and of the edit.
+
+LEARNED = ("clip_to_truth", "clip_to_input", "dino_to_truth", "dino_to_input", "clip_directional")
+LEARNED_NAMES = {"clip_to_truth": "CLIP sim. to truth", "clip_to_input": "CLIP sim. to input",
+                 "dino_to_truth": "DINOv2 sim. to truth", "dino_to_input": "DINOv2 sim. to input",
+                 "clip_directional": "CLIP directional"}
+
+
+def embedding_similarity(a, b) -> float:
+    """Cosine similarity of two embeddings (float64)."""
+    from .scoring import cosine
+
+    return cosine(a, b)
+
+
+def directional_similarity(input_embedding, edited_embedding, input_text, edited_text) -> float:
+    """cos(edited - input, edited_text - input_text) over L2-normalised embeddings."""
+    from .scoring import _normalize, cosine
+
+    img = _normalize(edited_embedding[None])[0] - _normalize(input_embedding[None])[0]
+    txt = _normalize(edited_text[None])[0] - _normalize(input_text[None])[0]
+    return cosine(img, txt)
+
+
+def clip_image_similarity(scorer, image, reference) -> float:
+    return embedding_similarity(scorer.image_embedding(image), scorer.image_embedding(reference))
+
+
+def dino_similarity(scorer, image, reference) -> float:
+    if getattr(scorer, "kind", None) != "dino":
+        raise TuneLabError("DINOv2 similarity needs a DINOv2 model", input_name="dino_model")
+    return embedding_similarity(scorer.image_embedding(image), scorer.image_embedding(reference))
+
+
+def clip_directional_similarity(scorer, input_image, edited_image, input_caption: str, edited_caption: str) -> float:
+    return directional_similarity(scorer.image_embedding(input_image), scorer.image_embedding(edited_image),
+                                  scorer.text_embedding(input_caption), scorer.text_embedding(edited_caption))

@@ -14,6 +14,9 @@ import tempfile
 from pathlib import Path
 
 PRESETS = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-ip2p", "tiny-sd15")
+# Scoring models (transformers folders): CLIP for the CLIP score and image similarity, a CLIP standing in for
+# PickScore, and DINOv2. Like the pipelines they are random, fixed, and only good for tests and the demo.
+SCORER_PRESETS = ("tiny-clip", "tiny-pickscore", "tiny-dinov2")
 _VERSION = 1  # bump when a builder changes, so stale caches are rebuilt
 _SEED = 20230820  # the wrong-LoRA notebooks' date
 
@@ -187,4 +190,93 @@ def wrong_lora() -> Path:
     lora_files.save(final, unet=get_peft_model_state_dict(unet), rank=rank, alpha=alpha,
               metadata={"base_model": "tiny-sdxl", "instance_prompt": "wrong",
                         "note": "built-in demo LoRA with fixed random weights; not trained"})
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring models
+
+_OPENAI_MEAN, _OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+_IMAGENET_MEAN, _IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SCORER_SIDE = 32  # input side of the tiny vision towers
+_SCORER_VERSION = 2  # bump when a scorer builder changes
+
+
+def _image_processor_config(kind: str) -> dict:
+    """preprocessor_config.json of the tiny scorers: the real models' processors (CLIP: shortest side, bicubic,
+    centre crop, OpenAI mean/std; DINOv2: BitImageProcessor, resize 256/224 of the crop, ImageNet mean/std)."""
+    side = SCORER_SIDE
+    common = {"do_resize": True, "resample": 3, "do_center_crop": True, "crop_size": {"height": side, "width": side},
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True}
+    if kind == "dino":
+        return {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": side * 256 // 224},
+                "image_mean": _IMAGENET_MEAN, "image_std": _IMAGENET_STD, **common}
+    return {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": side},
+            "image_mean": _OPENAI_MEAN, "image_std": _OPENAI_STD, **common}
+
+
+def _build_scorer(name: str, folder: Path):
+    import math
+
+    import torch
+
+    if name == "tiny-dinov2":
+        from transformers import Dinov2Config, Dinov2Model
+
+        cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                           image_size=SCORER_SIDE, patch_size=8)
+        model = _seeded(_SEED + 202, lambda: Dinov2Model(cfg))
+        kind = "dino"
+    else:
+        from transformers import CLIPConfig, CLIPModel
+
+        write_tokenizer_files(folder)  # vocab.json + merges.txt stay: older transformers' CLIPTokenizer reads them
+        tok = _tokenizer(folder)
+        text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=SCORER_SIDE, patch_size=8)
+        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        model = _seeded(_SEED + (200 if name == "tiny-clip" else 201), lambda: CLIPModel(cfg))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            # a shared direction in both towers' outputs, so cosines are mostly positive (like a trained CLIP's
+            # 0.2..0.4) and the CLIP score, max(100 cos, 0), is not mostly zero: every LayerNorm output has the
+            # mean of its bias, which this rank-1 term maps onto one common vector
+            # (the projections are drawn here, not by transformers' initialiser, which differs between releases)
+            torch.manual_seed(_SEED + 203)
+            common = torch.randn(cfg.projection_dim)
+            for norm, proj in ((model.vision_model.post_layernorm, model.visual_projection),
+                               (model.text_model.final_layer_norm, model.text_projection)):
+                width = proj.weight.shape[1]
+                norm.bias.fill_(1.0)
+                proj.weight.copy_(torch.randn(proj.weight.shape) / math.sqrt(width)
+                                  + torch.outer(common, torch.ones(width)) * (1.5 / width))
+            if name == "tiny-pickscore":  # PickScore's learned temperature: logit_scale.exp() == 100
+                model.logit_scale.fill_(math.log(100.0))
+        tok.save_pretrained(str(folder))
+        kind = "clip"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(kind), indent=2),
+                                                     encoding="utf-8")
+
+
+def ensure_scorer(name: str) -> Path:
+    """The tiny scoring model's transformers folder, built and saved on first use (temp dir, then renamed)."""
+    if name not in SCORER_PRESETS:
+        raise KeyError(name)
+    final = cache_dir() / f"{name}-v{_SCORER_VERSION}"
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        _build_scorer(name, tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race; its copy is identical
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final

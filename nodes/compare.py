@@ -5,6 +5,23 @@ from .. import host
 from ..core import compare, sampling
 from .common import PIPE, STATES, category, output_images, run_folder, seed_input, size_input
 
+LORA_ON = {"both branches": "both", "negative branch only": "negative"}
+
+
+def default_states_input():
+    return ("STRING", {"default": ", ".join(compare.DEFAULT_STATE_NAMES), "tooltip":
+            "Built-in states to run when 'states' is not connected, comma-separated: base (no negative), "
+            "base_negative, lora_negative (LoRA on both branches), lora_negative_only (the LoRA only while the "
+            "negative/unconditional prediction is computed, Diffusion-NPO's idea; two UNet calls per step). The "
+            "lora_ states need lora_pipe."})
+
+
+def refiner_mode_input():
+    return (list(compare.REFINER_MODES), {"default": "plain", "tooltip":
+            "With a refiner, what negative-only states do in the refiner stage (the base's LoRA cannot run on the "
+            "refiner). plain: the refiner finishes them like every other state. negative-only: a LoRA loaded on "
+            "the refiner pipe goes on the refiner's negative branch only, too."})
+
 
 class ComparisonState:
     DESCRIPTION = "One panel of a comparison: a label, a pipe (with its LoRA stack) and a negative prompt. Chain them."
@@ -20,12 +37,22 @@ class ComparisonState:
             "label": ("STRING", {"default": "LoRA + negative 'wrong'", "tooltip": "Caption above this panel."}),
             "pipe": (PIPE, {"tooltip": "The pipe this panel samples with."}),
             "negative": ("STRING", {"default": "wrong", "multiline": True, "tooltip": "This panel's negative prompt."}),
+            "lora_on": (list(LORA_ON), {"default": "both branches", "tooltip":
+                        "Where the pipe's LoRA stack is active. both branches: the usual way. negative branch only: "
+                        "only while the negative/unconditional prediction is computed, off for the positive one "
+                        "(Diffusion-NPO's idea; two UNet calls per step)."}),
         }, "optional": {
             "states": (STATES, {"tooltip": "Earlier states; this one is appended."}),
         }}
 
-    def add(self, label, pipe, negative, states=None):
-        return ((tuple(states or ()) + (compare.State(label, pipe, negative),)),)
+    def add(self, label, pipe, negative, states=None, lora_on="both branches"):
+        if lora_on not in LORA_ON:
+            from ..core.errors import TuneLabError
+
+            raise TuneLabError(f"unknown choice '{lora_on}'; choose {' or '.join(LORA_ON)}", input_name="lora_on")
+        state = compare.State(label, pipe, negative, LORA_ON[lora_on])
+        compare.check_states([state])
+        return ((tuple(states or ()) + (state,)),)
 
 
 class Compare:
@@ -58,6 +85,8 @@ class Compare:
             "output_name": ("STRING", {"default": "tunelab/compare", "tooltip":
                             "Folder under ComfyUI's output directory; each run writes a timestamped subfolder "
                             "with grid.png, 01.png.. and settings.json."}),
+            "default_states": default_states_input(),
+            "refiner_mode": refiner_mode_input(),
         }, "optional": {
             "lora_pipe": (PIPE, {"tooltip": "Pipe with the LoRA (panel 3 of the default three)."}),
             "refiner": (PIPE, {"tooltip": "Optional SDXL refiner for every panel."}),
@@ -65,12 +94,19 @@ class Compare:
         }}
 
     def compare(self, pipe, prompt, negative, seed, steps, guidance, width, height, scheduler="default",
-                high_noise_frac=0.8, output_name="tunelab/compare", lora_pipe=None, refiner=None, states=None):
+                high_noise_frac=0.8, output_name="tunelab/compare", default_states=None, refiner_mode="plain",
+                lora_pipe=None, refiner=None, states=None):
+        if states:
+            chosen = list(states)
+        elif default_states is None:  # an older graph without the widget: the seed's three (two without a LoRA)
+            chosen = compare.default_states(pipe, lora_pipe, negative)
+        else:
+            chosen = compare.named_states(default_states, pipe, lora_pipe, negative, input_name="default_states")
+        compare.check_states(chosen, refiner, refiner_mode)
         out_dir = run_folder(output_name)
-        chosen = list(states) if states else compare.default_states(pipe, lora_pipe, negative)
         result = compare.run(chosen, prompt, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                              refiner=refiner, high_noise_frac=high_noise_frac, scheduler=scheduler,
-                             progress=host.progress_factory())
+                             refiner_mode=refiner_mode, progress=host.progress_factory())
         paths = compare.save(result, out_dir)
         return {"ui": {"images": output_images([paths["grid"], *paths["panels"]])}, "result": result.tensors()}
 

@@ -151,14 +151,18 @@ class InstructionDataset:
 
 class InstructEvaluate:
     DESCRIPTION = ("Runs up to four InstructPix2Pix pipes on a dataset's held-out pairs at one seed and scores them "
-                   "against the ground truth (PSNR, SSIM; needs scikit-image). Saves per-example grids (input | each "
-                   "model | ground truth), each output as <model>/<example>/steps@..-igs@..-gs@...png, and "
-                   "report.json / report.csv / summary.csv / report.txt in a timestamped folder.")
+                   "against the ground truth (PSNR, SSIM; needs scikit-image), and with a CLIP / DINOv2 model their "
+                   "learned similarity to the ground truth and to the input (plus CLIP directional similarity "
+                   "where the dataset has captions). Saves per-example grids (input | each model | ground truth), "
+                   "each output as <model>/<example>/steps@..-igs@..-gs@...png, and report.json / report.csv / "
+                   "summary.csv / report.txt in a timestamped folder. With sweep values it runs the image x text "
+                   "guidance grid and plots every metric against image guidance (sweep.png).")
     CATEGORY = category("instruct")
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("grids", "table")
+    RETURN_TYPES = ("IMAGE", "STRING", "IMAGE")
+    RETURN_NAMES = ("grids", "table", "plot")
     OUTPUT_TOOLTIPS = ("One grid per example (resized to the first grid's size when sizes differ).",
-                       "Mean PSNR/SSIM per model, overall and per task, as a text table.")
+                       "Mean metrics per model, overall and per task, as a text table.",
+                       "Every metric against image guidance (a point per model without a sweep).")
     OUTPUT_NODE = True
     FUNCTION = "evaluate"
 
@@ -188,23 +192,58 @@ class InstructEvaluate:
             "label_4": ("STRING", {"default": "model 4", "tooltip": "Name of the fourth pipe."}),
             "negative": ("STRING", {"default": "", "multiline": True, "tooltip":
                          "Optional negative prompt for every model (empty: none)."}),
+            "clip_model": (["none"] + host.scorer_choices("clip"), {"default": "none", "tooltip":
+                           "CLIP model (a transformers folder in models/scorers, e.g. openai/clip-vit-large-patch14) "
+                           "for CLIP image similarity to the ground truth / input and CLIP directional similarity; "
+                           "tiny-clip is a random toy; none skips them."}),
+            "dino_model": (["none"] + host.scorer_choices("dino"), {"default": "none", "tooltip":
+                           "DINOv2 model folder in models/scorers (e.g. facebook/dinov2-base) for DINOv2 similarity "
+                           "to the ground truth / input; tiny-dinov2 is a random toy; none skips it."}),
+            "caption_columns": ("STRING", {"default": "", "tooltip":
+                                "INPUT,EDITED caption columns of the dataset for the directional similarity (empty: "
+                                "input_caption/edited_caption or original_prompt/edited_prompt when present)."}),
+            "image_guidance_sweep": ("STRING", {"default": "", "tooltip":
+                                     "Image guidance values to sweep, e.g. 1, 1.5, 2 (empty: image_guidance only)."}),
+            "guidance_sweep": ("STRING", {"default": "", "tooltip":
+                               "Text guidance values to sweep, e.g. 5, 7, 9 (empty: guidance only). With either "
+                               "sweep set, every setting of the grid is evaluated into its own subfolder."}),
         }}
 
     def evaluate(self, pipe, label, dataset, steps, image_guidance, guidance, seed, limit, output_name,
                  pipe_2=None, label_2="model 2", pipe_3=None, label_3="model 3", pipe_4=None, label_4="model 4",
-                 negative=""):
+                 negative="", clip_model="none", dino_model="none", caption_columns="", image_guidance_sweep="",
+                 guidance_sweep=""):
+        from ..core import scoring
+        from ..core.images import pil_to_tensor
+
         folder = dataset_folder(dataset, "dataset", marker=instruct_data.METADATA)
-        out_dir = run_folder(output_name)
         models = [(label, pipe)] + [(lb, p) for p, lb in ((pipe_2, label_2), (pipe_3, label_3), (pipe_4, label_4))
                                     if p is not None]
-        ev = instruct.evaluate(models, folder, steps=steps, image_guidance=image_guidance, guidance=guidance,
-                               seed=seed, limit=limit, negative=negative or "", out_dir=out_dir,
-                               progress=host.progress_factory())
-        grids = grids_tensor([g for _, g in ev.grids])
-        reports = [ev.paths[k] for k in ("json", "csv", "summary_csv", "table") if ev.paths.get(k)]
-        ui = {"images": output_images(ev.paths["grids"]), "text": [ev.table],
+        instruct.parse_caption_columns(caption_columns)
+        igs = instruct.parse_guidance_values(image_guidance_sweep, "image_guidance_sweep") or [image_guidance]
+        tgs = instruct.parse_guidance_values(guidance_sweep, "guidance_sweep") or [guidance]
+        scorers = {kind: None if choice in (None, "", "none") else
+                   scoring.load(host.resolve_scorer(choice), kind, device=pipe.device, input_name=f"{kind}_model")
+                   for kind, choice in (("clip", clip_model), ("dino", dino_model))}
+        out_dir = run_folder(output_name)
+        common = dict(steps=steps, seed=seed, limit=limit, negative=negative or "", clip=scorers["clip"],
+                      dino=scorers["dino"], caption_columns=caption_columns or None, out_dir=out_dir,
+                      progress=host.progress_factory())
+        if len(igs) * len(tgs) == 1:  # one setting: the report straight in the run folder
+            ev = instruct.evaluate(models, folder, image_guidance=igs[0], guidance=tgs[0], **common)
+            evs, plot = [ev], instruct.guidance_chart(instruct.sweep_points(ev), steps=steps, seed=seed)
+            plot_paths = []
+        else:
+            sw = instruct.sweep(models, folder, image_guidances=igs, guidances=tgs, **common)
+            evs, plot, plot_paths = list(sw.evaluations.values()), sw.plot, [sw.paths["plot"]]
+        table = "".join(ev.table for ev in evs)
+        grids = grids_tensor([g for ev in evs for _, g in ev.grids])
+        shown = plot_paths + [p for ev in evs for p in ev.paths["grids"]]
+        reports = [ev.paths[k] for ev in evs for k in ("json", "csv", "summary_csv", "table") if ev.paths.get(k)]
+        reports += [sw.paths[k] for k in ("csv", "json")] if plot_paths else []
+        ui = {"images": output_images(shown), "text": [table],
               "files": output_images(reports)}  # the reports, for headless clients (`tunelab queue` downloads them)
-        return {"ui": ui, "result": (grids, ev.table)}
+        return {"ui": ui, "result": (grids, table, pil_to_tensor([plot]))}
 
 
 def grids_tensor(grids: list):

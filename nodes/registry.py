@@ -11,8 +11,8 @@ import logging
 log = logging.getLogger("tunelab")
 
 # Module names under nodes/, in menu order.
-MODULES = ["loader", "prompt", "native_prompt", "generate", "lora", "compare", "native_compare", "synthesis", "train",
-           "instruct"]
+MODULES = ["loader", "prompt", "native_prompt", "generate", "lora", "compare", "native_compare", "evaluate",
+           "synthesis", "train", "instruct"]
 
 
 def build() -> tuple[dict, dict]:

@@ -450,7 +450,7 @@ def test_dataset_and_evaluate_nodes(tiny_ip2p, tmp_path, monkeypatch):
         with pytest.raises(TuneLabError) as e:
             node.build(**{**args, **bad})
         assert e.value.input_name == name
-    grids, table = InstructEvaluate().evaluate(tiny_ip2p, "base", rel, 1, 1.5, 7.0, 0, 0, "ev", pipe_2=tiny_ip2p,
+    grids, table, plot = InstructEvaluate().evaluate(tiny_ip2p, "base", rel, 1, 1.5, 7.0, 0, 0, "ev", pipe_2=tiny_ip2p,
                                                label_2="again")["result"]
     assert grids.shape[0] == 2 and grids.shape[2] == 4 * 32 and "again" in table
     assert len(list(out.glob("ev/*/report.json"))) == 1
