@@ -8,7 +8,7 @@ import pytest
 
 from tunelab import cli
 
-from test_comfyui import API_DIR, _prepare, comfy  # noqa: F401 (the session's server fixture)
+from test_comfyui import API_DIR, _prepare, comfy, comfy_work  # noqa: F401 (the server fixtures)
 
 pytestmark = pytest.mark.comfyui
 
