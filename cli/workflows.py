@@ -20,6 +20,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a workflow is invalid or hard to read, its thumbnail is missing, or an "
                              "API twin is missing or stale")
+    parser.add_argument("--fit-view", action="store_true",
+                        help="also rewrite each UI workflow's saved view (extra.ds) so that every node's title shows "
+                             "in a 1280x800 window, clear of the frontend's chrome")
     parser.add_argument("--dir", type=Path, default=WORKFLOWS_DIR,
                         help="the folder of UI-format workflows (default: the pack's workflows/); twins go in DIR/api")
 
@@ -64,6 +67,12 @@ def run(args) -> int:
         problems += [f"{path.name}: {e}" for e in errors]
         if errors:
             continue
+        if getattr(args, "fit_view", False) and not args.check:
+            view = workflow_layout.fit_view(ui, specs)
+            if (ui.get("extra") or {}).get("ds") != view:
+                ui.setdefault("extra", {})["ds"] = view
+                files.write_text_atomic(path, dump(ui))
+                written.append(path)
         problems += [f"{path.name}: {e}" for e in workflow_layout.layout_problems(ui, specs)]
         problems += [f"{path.name}: {e}" for e in workflow_layout.thumbnail_problems(path.with_suffix(".jpg"))]
         text = dump(workflow.ui_to_api(ui, specs=specs))

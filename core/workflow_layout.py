@@ -30,8 +30,8 @@ GROUP_TITLE = 40                # a group's title bar, kept free of nodes
 NOTE_TYPES = ("Note", "MarkdownNote")
 VIEWPORT = (1280, 800)          # the reference window for the first view
 # the part of that window no chrome covers (measured on 1.35.9 and 1.58.1: sidebar 56 px wide, tabs 38 px high,
-# workflow-name chip and run bar down to y = 90)
-SAFE = (70, 100, VIEWPORT[0] - 10, VIEWPORT[1] - 10)
+# workflow-name chip and run bar down to y = 90, zoom controls in the bottom 50 px)
+SAFE = (70, 100, VIEWPORT[0] - 10, VIEWPORT[1] - 60)
 MIN_SCALE = 0.6                 # the frontend's text level-of-detail cut is 8 px / 14 px = 0.57
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 THUMB_MIN, THUMB_MAX, THUMB_MAX_BYTES = 128, 1024, 200_000
@@ -197,33 +197,41 @@ def first_view_problems(ui: Mapping, specs: Mapping, viewport=VIEWPORT, safe=SAF
     """The saved view (``extra.ds``) must show every node's title clear of the chrome, at a readable zoom."""
     ds = (ui.get("extra") or {}).get("ds")
     if not isinstance(ds, Mapping) or "scale" not in ds or "offset" not in ds:
-        return ["no saved view (extra.ds): save one that shows every node's title (see workflow_layout.fit_view)"]
+        return ["no saved view (extra.ds): save one that shows every node's title (python -m tunelab workflows --fit-view)"]
     scale, (ox, oy) = float(ds["scale"]), ds["offset"]
     out = []
     if scale < MIN_SCALE:
         out.append(f"saved zoom {scale:g} is below {MIN_SCALE}, where the frontend draws nodes as blank boxes; "
                    f"arrange the graph smaller, in groups, or split it")
+    for what, (bx0, by0, bx1, by1) in title_bars(ui, specs):
+        x0, y0, x1, y1 = (bx0 + ox) * scale, (by0 + oy) * scale, (bx1 + ox) * scale, (by1 + oy) * scale
+        if x0 < safe[0] or y0 < safe[1] or x1 > safe[2] or y1 > safe[3]:
+            out.append(f"{what}: title at ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) in a {viewport[0]}x{viewport[1]} "
+                       f"window is not inside the area the chrome leaves free {safe}; re-save the view "
+                       f"(python -m tunelab workflows --fit-view)")
+    return out
+
+
+def title_bars(ui: Mapping, specs: Mapping) -> list:
+    """(what, (x0, y0, x1, y1)) in graph units for every node's and group's title text."""
+    bars = []
     for node in ui.get("nodes") or []:
         spec = specs.get(node.get("type"))
         box = node_box(node, spec)
         title_w = min(box.w, text_width(node_title(node, spec), TITLE_PX) + 40)
-        x0, y0 = (box.x + ox) * scale, (box.y + oy) * scale
-        x1, y1 = x0 + title_w * scale, y0 + TITLE_HEIGHT * scale
-        if x0 < safe[0] or y0 < safe[1] or x1 > safe[2] or y1 > safe[3]:
-            out.append(f"{_label(node, spec)}: title at ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) in a "
-                       f"{viewport[0]}x{viewport[1]} window is not inside the area the chrome leaves free "
-                       f"{safe}; re-save the view (workflow_layout.fit_view)")
-    return out
+        bars.append((_label(node, spec), (box.x, box.y, box.x + title_w, box.y + TITLE_HEIGHT)))
+    for g in ui.get("groups") or []:
+        gb = _group_box(g)
+        if gb is not None:
+            size = float(g.get("font_size") or 24)
+            title_w = min(gb.w, text_width(g.get("title") or "", size) + 20)
+            bars.append((f"group '{g.get('title')}'", (gb.x, gb.y, gb.x + title_w, gb.y + GROUP_TITLE)))
+    return bars
 
 
 def fit_view(ui: Mapping, specs: Mapping, viewport=VIEWPORT, safe=SAFE, max_scale: float = 1.0) -> dict:
     """The ``extra.ds`` that puts every node's title inside `safe` at the largest zoom up to `max_scale`."""
-    boxes = []
-    for node in ui.get("nodes") or []:
-        spec = specs.get(node.get("type"))
-        box = node_box(node, spec)
-        boxes.append((box.x, box.y, box.x + min(box.w, text_width(node_title(node, spec), TITLE_PX) + 40),
-                      box.y + TITLE_HEIGHT))
+    boxes = [b for _, b in title_bars(ui, specs)]
     x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     scale = min(max_scale, (safe[2] - safe[0] - 20) / max(x1 - x0, 1), (safe[3] - safe[1] - 20) / max(y1 - y0, 1))

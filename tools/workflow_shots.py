@@ -42,14 +42,21 @@ FIND = """(t => { const els = Array.from(document.querySelectorAll('button,[role
   const e = els[els.length - 1]; if (!e) return null; e.scrollIntoView({block: 'center'});
   const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })"""
 
-CARD_IMAGE = """(name => { const img = Array.from(document.images).find(i => i.src.includes('/workflow_templates/%s/' + name + '.'));
-  return img ? {src: img.src, w: img.naturalWidth, h: img.naturalHeight, done: img.complete} : null; })""" % CATEGORY
+# The picture on the card of workflow `name` (cards hold blob: URLs, so find it from the card's title).
+CARD_IMAGE = """(name => { const t = Array.from(document.querySelectorAll('h3,h4,span,div,p'))
+  .find(e => e.childElementCount === 0 && (e.textContent || '').trim() === name && e.getClientRects().length);
+  for (let e = t; e; e = e.parentElement) { const img = e.querySelector('img');
+    if (img) return {src: img.src.slice(0, 80), w: img.naturalWidth, h: img.naturalHeight, done: img.complete}; }
+  return null; })"""
 
 # Node rectangles (title bar included) and title visibility, from the frontend's own objects.
 MEASURE = """(() => {
   const c = app.canvas, ds = c.ds, el = c.canvas, box = el.getBoundingClientRect();
   const TH = (window.LiteGraph && LiteGraph.NODE_TITLE_HEIGHT) || 30;
   const ctx = el.getContext('2d');
+  // below this zoom the frontend draws nodes as boxes without text (LiteGraph.Canvas.MinFontSizeForLOD, 8 px)
+  const minFont = app.extensionManager?.setting?.get?.('LiteGraph.Canvas.MinFontSizeForLOD') ?? 8;
+  const lowDetail = typeof c.low_quality === 'boolean' ? c.low_quality : (minFont > 0 && 14 * ds.scale < minFont);
   const toScreen = (x, y) => [box.x + (x + ds.offset[0]) * ds.scale, box.y + (y + ds.offset[1]) * ds.scale];
   const nodes = app.graph._nodes.map(n => {
     const collapsed = !!(n.flags && n.flags.collapsed);
@@ -64,7 +71,8 @@ MEASURE = """(() => {
     const cover = hidden.slice(0, 1).map(([x, y]) => { const e = document.elementFromPoint(x, y);
       return e ? (e.tagName + '.' + String(e.className).split(' ').slice(0, 2).join('.')) : 'outside the window'; });
     return {id: n.id, type: n.type, title, computed: n.computeSize ? Array.from(n.computeSize()) : null, x: n.pos[0], y: n.pos[1] - TH, w, h: h + TH, title_width: tw,
-            title_visible: hidden.length === 0, covered_by: cover[0] || null};
+            title_visible: hidden.length === 0 && !lowDetail,
+            covered_by: cover[0] || (lowDetail ? 'low-detail rendering at this zoom' : null)};
   });
   const overlaps = [];
   for (let i = 0; i < nodes.length; i++) for (let j = i + 1; j < nodes.length; j++) {
@@ -72,7 +80,7 @@ MEASURE = """(() => {
     const ox = Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x), oy = Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y);
     if (ox > 0 && oy > 0) overlaps.push({a: a.id, b: b.id, dx: ox, dy: oy});
   }
-  return {version: window.__COMFYUI_FRONTEND_VERSION__, scale: ds.scale, offset: Array.from(ds.offset),
+  return {version: window.__COMFYUI_FRONTEND_VERSION__, scale: ds.scale, low_detail: lowDetail, offset: Array.from(ds.offset),
           viewport: [innerWidth, innerHeight], nodes, overlaps,
           workflow: app.extensionManager?.workflow?.activeWorkflow?.filename || null};
 })()"""
@@ -90,16 +98,26 @@ def workflow_names(folder: Path) -> list:
 
 
 def close_dialogs(page, rounds: int = 4) -> list:
-    """Close what pops up over the canvas (the missing-models dialog, toasts); return the dialogs' headers."""
+    """Close what pops up over the canvas, as a user would: dialogs (the missing-models dialog) with Escape,
+    toasts and status panels ("... is missing") with their Close button. Returns their first lines."""
     seen = []
     for _ in range(rounds):
         headers = page.js("Array.from(document.querySelectorAll('[role=dialog]')).filter(d => d.getClientRects().length)"
                           ".map(d => (d.innerText || '').trim().split('\\n')[0].slice(0, 80))")
-        if not headers:
+        toasts = page.js("""Array.from(document.querySelectorAll('[role=status],[role=alert]'))
+          .filter(t => t.getClientRects().length).map(t => { const b = Array.from(t.querySelectorAll('button'))
+            .find(b => /close|dismiss/i.test(b.getAttribute('aria-label') || ''));
+            if (!b) return null; const r = b.getBoundingClientRect();
+            return [(t.innerText || '').trim().split('\\n')[0].slice(0, 80), r.x + r.width / 2, r.y + r.height / 2]; })
+          .filter(Boolean)""")
+        if not headers and not toasts:
             break
-        seen += headers
-        page.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
-        page.send("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+        seen += headers + [t[0] for t in toasts]
+        if headers:
+            page.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+            page.send("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+        for _, x, y in toasts:
+            page.click(x, y)
         time.sleep(0.7)
     return seen
 
@@ -130,20 +148,23 @@ def open_category(page):
     raise BrowserError(f"the template browser shows no '{CATEGORY}' category")
 
 
-def open_from_templates(page, name: str, expected_nodes: int) -> dict:
+def open_from_templates(page, name: str, expected_nodes: int, dialog_shot=None) -> dict:
     """Open `name` by clicking its card; return the card's picture as the browser loaded it."""
     open_category(page)
     card = page.wait_js(FIND + f"('{name}')", 30, f"the card of {name}")
-    image = page.wait_js(CARD_IMAGE + f"('{name}')", 10, f"the picture of {name}") if page.js(
-        CARD_IMAGE + f"('{name}')") is not None else None
-    if image and not image["done"]:
-        time.sleep(1)
+    image = None
+    for _ in range(20):  # the browser fetches card pictures lazily
         image = page.js(CARD_IMAGE + f"('{name}')")
+        if image and image["done"] and image["w"]:
+            break
+        time.sleep(0.5)
     page.click(*card)
     page.wait_js(f"app.graph._nodes.length === {expected_nodes} && "
                  f"(app.extensionManager?.workflow?.activeWorkflow?.filename || '{name}') === '{name}'", 60,
                  f"{name} on the canvas")
     time.sleep(2)  # the frontend sizes nodes and lays out DOM widgets after configure
+    if dialog_shot and page.js("document.querySelectorAll('[role=dialog]').length"):
+        page.screenshot(dialog_shot, quality=75)
     return {"image": image, "dialogs": close_dialogs(page)}
 
 
@@ -202,7 +223,8 @@ def run(args) -> int:
         tag = f"fe{version}"
         for name in names:
             page.viewport(args.width, args.height)
-            card = open_from_templates(page, name, counts[name])
+            card = open_from_templates(page, name, counts[name],
+                                       shots / f"{tag}-{name}-dialog.jpg" if shots else None)
             m = page.js(MEASURE)
             problems = check_view(name, m, card)
             failures += bool(problems)
