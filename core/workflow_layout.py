@@ -92,17 +92,20 @@ def estimated_size(node: Mapping, spec) -> tuple:
     title = node_title(node, spec)
     width = text_width(title, TITLE_PX) + 40
     if node.get("type") in NOTE_TYPES:
-        return max(width, 210), 50 + 14
+        return max(width, 210), 100                    # the text box (min 60) + margins; measured 88
     if spec is None:
         return width, SLOT_HEIGHT + 6
     widgets = spec.widget_inputs
     sockets = [i for i in spec.inputs.values() if not i.is_widget]
     ins = max((text_width(_slot_label(i.name), LABEL_PX) for i in sockets), default=0)
     outs = max((text_width(_slot_label(n), LABEL_PX) for n in spec.output_names), default=0)
-    widths = [width, ins + outs + 2 * SLOT_HEIGHT + 5]
+    widths = [width, ins + outs + 2 * SLOT_HEIGHT + 5, 140]      # LiteGraph.NODE_WIDTH is the least
     if widgets:
-        widths.append(210)
-        widths.append(max(text_width(i.name, LABEL_PX) for i in widgets) + 104)
+        widths.append(210)                                          # 1.5 x NODE_WIDTH with widgets
+        labels = [i.name for i in widgets]
+        labels += ["choose file to upload" for i in widgets if i.opts.get("image_upload")]
+        labels += ["control after generate" for i in widgets if i.ui_extra_values and not i.opts.get("image_upload")]
+        widths.append(max(text_width(t, LABEL_PX) for t in labels) + 104)
     rows = max(len(sockets), len(spec.outputs), 1)
     height = rows * SLOT_HEIGHT
     for w in widgets:
