@@ -269,11 +269,14 @@ def readable(ui, specs):
     model hints on the checkpoint loader and a saved view that shows every title."""
     ui = copy.deepcopy(ui)
     ui["nodes"].append(_node(max(n["id"] for n in ui["nodes"]) + 1, "MarkdownNote", [GUIDANCE]))
-    x = 0
-    for n in ui["nodes"]:
+    x = y = row_h = 0
+    for i, n in enumerate(ui["nodes"]):
         w, h = wl.estimated_size(n, specs.get(n["type"]))
-        n["pos"], n["size"] = [x, 0], [round(w) + 1, round(h) + 1]
+        if i and i % 4 == 0:  # four nodes a row
+            x, y, row_h = 0, y + row_h + 40 + wl.TITLE_HEIGHT, 0
+        n["pos"], n["size"] = [x, y], [round(w) + 1, round(h) + 1]
         x += n["size"][0] + 40
+        row_h = max(row_h, n["size"][1])
         for v in n["widgets_values"]:
             if v == "sd_xl_base_1.0.safetensors":
                 n["properties"]["models"] = [{"name": v, "directory": "checkpoints", "url": "https://example.org/m"}]
