@@ -211,7 +211,7 @@ def thumbnail(page, path: Path, margin: int = 480):
 
 def run(args) -> int:
     folder = Path(args.workflows)
-    names = workflow_names(folder)
+    names = [n for n in workflow_names(folder) if not args.only or n in args.only]
     counts = {n: len(json.loads((folder / f"{n}.json").read_text())["nodes"]) for n in names}
     failures, report = 0, {}
     shots = Path(args.shots) if args.shots else None
@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workflows", default=str(PACK / "workflows"), help="folder of UI-format workflows")
     ap.add_argument("--shots", help="save screenshots and a JSON report here")
     ap.add_argument("--thumbnails", action="store_true", help="(re)write workflows/<name>.jpg from the graph")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="only these workflows (file names without .json)")
     ap.add_argument("--chromium", help="Chromium binary (default: chromium on PATH, or $CHROMIUM)")
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=800)
