@@ -7,6 +7,7 @@ temporary custom_nodes folder, drives a headless Chromium over the DevTools prot
 
 - opens the template browser (sidebar -> Templates -> the pack's category), checks that the card of `<name>`
   shows its thumbnail, and opens the workflow by clicking its card, as a user does;
+- checks that the frontend's own API export (``app.graphToPrompt()``) equals ``workflows/api/<name>.json``;
 - measures, from the frontend's own graph objects after it has sized the nodes, whether any two node rectangles
   (title bar included) overlap, and whether every node's title is on screen and not under the frontend's chrome
   (tabs, workflow-name chip, sidebar, toasts: the point must hit the canvas itself);
@@ -168,6 +169,22 @@ def open_from_templates(page, name: str, expected_nodes: int, dialog_shot=None) 
     return {"image": image, "dialogs": close_dialogs(page)}
 
 
+def prompt_differences(page, twin: Path) -> list:
+    """Where the frontend's own export of the open graph (``app.graphToPrompt()``) differs from the API twin."""
+    if not twin.is_file():
+        return [f"no API twin {twin.name}"]
+    mine = page.js("app.graphToPrompt().then(p => p.output)")
+    want = json.loads(twin.read_text())
+    out = []
+    for node_id in sorted(set(mine) | set(want)):
+        a, b = mine.get(node_id), want.get(node_id)
+        if a is None or b is None:
+            out.append(f"API node {node_id} only in {'the twin' if a is None else 'the frontend export'}")
+        elif a.get("class_type") != b.get("class_type") or a.get("inputs") != b.get("inputs"):
+            out.append(f"API node {node_id}: the frontend exports {a.get('inputs')}, the twin has {b.get('inputs')}")
+    return out
+
+
 def check_view(name: str, m: dict, card: dict) -> list:
     problems = []
     img = card.get("image")
@@ -226,7 +243,7 @@ def run(args) -> int:
             card = open_from_templates(page, name, counts[name],
                                        shots / f"{tag}-{name}-dialog.jpg" if shots else None)
             m = page.js(MEASURE)
-            problems = check_view(name, m, card)
+            problems = check_view(name, m, card) + prompt_differences(page, folder / "api" / f"{name}.json")
             failures += bool(problems)
             report[name] = {"measure": m, "card": card, "problems": problems}
             hidden = sum(not n["title_visible"] for n in m["nodes"])
