@@ -10,6 +10,7 @@ import pytest
 from tunelab import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, cli
 from tunelab.cli.workflows import WORKFLOWS_DIR, pack_specs
 from tunelab.core import workflow as wf
+from tunelab.core import workflow_layout as wl
 
 UI_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
 API_FILES = sorted((WORKFLOWS_DIR / "api").glob("*.json"))
@@ -259,10 +260,44 @@ def test_same_graph_reports_differences(specs):
     assert any("node 4: only in the UI file" in d for d in diffs)
 
 
-def test_workflows_command_writes_and_checks_twins(tmp_path, capsys):
+GUIDANCE = ("Put sd_xl_base_1.0.safetensors in models/checkpoints/; pick tiny-sdxl for a first run; "
+            "the image is saved in output/tunelab/.")
+
+
+def readable(ui, specs):
+    """`ui` laid out as the readability rules ask: nodes in a row at their estimated sizes, a guidance note,
+    model hints on the checkpoint loader and a saved view that shows every title."""
+    ui = copy.deepcopy(ui)
+    ui["nodes"].append(_node(max(n["id"] for n in ui["nodes"]) + 1, "MarkdownNote", [GUIDANCE]))
+    x = y = row_h = 0
+    for i, n in enumerate(ui["nodes"]):
+        w, h = wl.estimated_size(n, specs.get(n["type"]))
+        if i and i % 4 == 0:  # four nodes a row
+            x, y, row_h = 0, y + row_h + 40 + wl.TITLE_HEIGHT, 0
+        n["pos"], n["size"] = [x, y], [round(w) + 1, round(h) + 1]
+        x += n["size"][0] + 40
+        row_h = max(row_h, n["size"][1])
+        for v in n["widgets_values"]:
+            if v == "sd_xl_base_1.0.safetensors":
+                n["properties"]["models"] = [{"name": v, "directory": "checkpoints", "url": "https://example.org/m"}]
+    ui["extra"] = {"ds": wl.fit_view(ui, specs)}
+    return ui
+
+
+def _thumbnail(path, seed=0):
+    """A small JPEG with some detail (a gradient), as a stand-in for a rendered graph."""
+    from PIL import Image
+
+    im = Image.linear_gradient("L").resize((256, 256)).convert("RGB")
+    im.save(path, "JPEG", quality=80)
+    return path
+
+
+def test_workflows_command_writes_and_checks_twins(tmp_path, capsys, specs):
     folder = tmp_path / "workflows"
     folder.mkdir()
-    (folder / "demo.json").write_text(json.dumps(build_ui()))
+    (folder / "demo.json").write_text(json.dumps(readable(build_ui(), specs)))
+    _thumbnail(folder / "demo.jpg")
     assert cli.main(["workflows", "--dir", str(folder), "--check"]) == 1
     assert "is missing" in capsys.readouterr().err
     assert cli.main(["workflows", "--dir", str(folder)]) == 0
@@ -271,7 +306,7 @@ def test_workflows_command_writes_and_checks_twins(tmp_path, capsys):
     assert cli.main(["workflows", "--dir", str(folder), "--check"]) == 0
     capsys.readouterr()
 
-    ui = build_ui()
+    ui = readable(build_ui(), specs)
     _ui_node(ui, 3)["widgets_values"] = ["a photo of a dog"]
     (folder / "demo.json").write_text(json.dumps(ui))
     assert cli.main(["workflows", "--dir", str(folder), "--check"]) == 1
@@ -320,3 +355,186 @@ def test_shipped_api_twin_is_current(path, specs):
 def test_every_api_file_has_a_ui_twin():
     orphans = [p.name for p in API_FILES if not (WORKFLOWS_DIR / p.name).is_file()]
     assert not orphans, f"API files without a UI-format workflow: {orphans}"
+
+
+@pytest.mark.parametrize("path", _params(UI_FILES))
+def test_shipped_workflow_is_readable(path, specs):
+    """No overlaps against the frontend's sizes, a first view showing every title, a guidance note, model hints
+    for the missing-models dialog, and a thumbnail for the template browser."""
+    ui = json.loads(path.read_text(encoding="utf-8"))
+    assert wl.layout_problems(ui, specs) == []
+    assert wl.thumbnail_problems(path.with_suffix(".jpg")) == []
+    assert ui["extra"]["ds"] == wl.fit_view(ui, specs), "saved view is stale: python -m tunelab workflows --fit-view"
+
+
+# (class, title, width, height) that comfyui-frontend 1.35.9 and 1.58.1 computed for shipped nodes
+# (LGraphNode.computeSize, measured with tools/workflow_shots.py; both versions gave the same numbers). The first
+# two are the issue's long titles that widened their nodes over their neighbours.
+MEASURED = [
+    ("TuneLabInstructionDataset", "Held-out pairs: derain / denoise / deblur / low-light from the input folder",
+     514.3, 440),
+    ("TuneLabCompare", "3. Compare: base / + negative 'wrong' / new LoRA + negative 'wrong'", 500.6, 388),
+    ("ImageStitch", "Before / after", 210, 150), ("LoadImage", "Image to edit", 222.8, 102),
+    ("MarkdownNote", "Read me", 210, 88), ("PreviewImage", "Grid", 140, 26),
+    ("PreviewImage", "input / base / fine-tuned / ground truth", 295.2, 26), ("SaveImage", "Save", 210, 58),
+    ("TuneLabApplyWrongLora", "Apply Wrong LoRA", 210, 234),
+    ("TuneLabCompare", "Three-way comparison (base + refiner)", 300.9, 388), ("TuneLabGenerate", "Generate", 210, 266),
+    ("TuneLabGenerate", "Generate (base -> refiner at 0.8)", 252.8, 266),
+    ("TuneLabInstructEdit", "Instruct Edit (igs 1.5, gs 7.0, 20 steps)", 285.3, 282),
+    ("TuneLabInstructEvaluate", "Instruct Evaluate (PSNR / SSIM)", 249.1, 436),
+    ("TuneLabInstructionDataset", "Held-out pairs: derain / denoise / deblur / low-light", 375.2, 440),
+    ("TuneLabLoadLora", "Load the wrong LoRA", 210, 82),
+    ("TuneLabLoadPipeline", "Fine-tuned: instruction-tuned low-level model", 342.9, 130),
+    ("TuneLabLoadPipeline", "Load SDXL base", 210, 130), ("TuneLabTrainLora", "2. Train the wrong LoRA", 268.6, 982),
+    ("TuneLabWeightedPrompt", "Weighted prompt (compel syntax)", 264.3, 190),
+    ("TuneLabWrongImageSynthesis", "TuneLab Wrong Image Synthesis", 257.3, 480),
+]
+
+
+@pytest.mark.parametrize("kind,title,width,height", MEASURED, ids=[f"{m[0]}:{m[1][:20]}" for m in MEASURED])
+def test_size_estimate_is_at_least_what_the_frontend_computes(kind, title, width, height, specs):
+    est_w, est_h = wl.estimated_size({"type": kind, "title": title}, specs.get(kind))
+    assert est_w >= width and est_h >= height, (est_w, est_h)
+    assert est_w <= 1.35 * width  # conservative, not absurd
+
+
+def _shipped_copy(tmp_path, name="three_way_comparison"):
+    folder = tmp_path / "workflows"
+    (folder / "api").mkdir(parents=True)
+    for rel in (f"{name}.json", f"{name}.jpg", f"api/{name}.json"):
+        (folder / rel).write_bytes((WORKFLOWS_DIR / rel).read_bytes())
+    return folder, folder / f"{name}.json"
+
+
+def _check(folder, capsys):
+    rc = cli.main(["workflows", "--dir", str(folder), "--check"])
+    return rc, capsys.readouterr().err
+
+
+def test_check_passes_on_a_shipped_copy(tmp_path, capsys):
+    folder, _ = _shipped_copy(tmp_path)
+    assert _check(folder, capsys) == (0, "")
+
+
+def test_check_fails_on_two_overlapping_nodes(tmp_path, capsys):
+    folder, path = _shipped_copy(tmp_path)
+    ui = json.loads(path.read_text())
+    a, b = ui["nodes"][0], ui["nodes"][1]
+    b["pos"] = [a["pos"][0] + 50, a["pos"][1] + 40]
+    path.write_text(json.dumps(ui))
+    rc, err = _check(folder, capsys)
+    assert rc == 1
+    assert f"node {a['id']} '{a['title']}' and node {b['id']} '{b['title']}' overlap by" in err
+
+
+def test_check_fails_when_a_title_widens_a_node_over_its_neighbour(tmp_path, capsys):
+    """The issue's case: a saved width that fits the widgets but not the title, 20 px from the next node."""
+    folder, path = _shipped_copy(tmp_path)
+    ui = json.loads(path.read_text())
+    loader = next(n for n in ui["nodes"] if n["type"] == "TuneLabLoadPipeline")
+    loader["title"] = "Held-out pairs: derain / denoise / deblur / low-light from the input folder"
+    path.write_text(json.dumps(ui))
+    rc, err = _check(folder, capsys)
+    assert rc == 1
+    assert "is less than the" in err and "its title and widgets may need" in err
+    assert "overlap by" in err
+
+
+def test_check_fails_without_a_thumbnail(tmp_path, capsys):
+    folder, path = _shipped_copy(tmp_path)
+    path.with_suffix(".jpg").unlink()
+    rc, err = _check(folder, capsys)
+    assert rc == 1 and "no thumbnail three_way_comparison.jpg" in err
+
+
+def test_check_fails_without_a_note(tmp_path, capsys):
+    folder, path = _shipped_copy(tmp_path)
+    ui = json.loads(path.read_text())
+    ui["nodes"] = [n for n in ui["nodes"] if n["type"] not in wl.NOTE_TYPES]
+    path.write_text(json.dumps(ui))
+    rc, err = _check(folder, capsys)
+    assert rc == 1 and "no guidance note" in err
+
+
+def test_note_must_say_models_tiny_and_output():
+    ui = {"nodes": [_node(1, "Note", ["Put the checkpoint in models/checkpoints/."])], "links": []}
+    problems = wl.note_problems(ui)
+    assert len(problems) == 2
+    assert any("tiny-*" in p for p in problems) and any("output/" in p for p in problems)
+    ui["nodes"][0]["widgets_values"] = [GUIDANCE]
+    assert wl.note_problems(ui) == []
+
+
+def test_first_view_rules(specs):
+    ui = readable(build_ui(), specs)
+    assert wl.first_view_problems(ui, specs) == []
+    ui["extra"]["ds"] = {"scale": 1, "offset": [0, 0]}  # what every shipped file had: titles under the chrome
+    problems = wl.first_view_problems(ui, specs)
+    assert problems and all("not inside the area the chrome leaves free" in p for p in problems)
+    ui["extra"]["ds"] = {"scale": 0.5, "offset": [200, 300]}
+    assert any("below 0.6" in p for p in wl.first_view_problems(ui, specs))
+    del ui["extra"]["ds"]
+    assert "no saved view" in wl.first_view_problems(ui, specs)[0]
+
+
+def test_model_hints_for_the_missing_models_dialog(specs):
+    ui = readable(build_ui(), specs)
+    assert wl.model_hint_problems(ui, specs) == []
+    loader = _ui_node(ui, 2)
+    loader["properties"]["models"][0]["directory"] = "loras"
+    assert "directory 'loras'" in wl.model_hint_problems(ui, specs)[0]
+    loader["properties"]["models"][0].update(directory="checkpoints", url="http://example.org/m")
+    assert "https url" in wl.model_hint_problems(ui, specs)[0]
+    del loader["properties"]["models"]
+    assert "has no entry in properties.models" in wl.model_hint_problems(ui, specs)[0]
+    _ui_node(ui, 1)["widgets_values"][0] = "tiny-sdxl"  # built-in presets need no download
+    assert all("node 1 " not in p for p in wl.model_hint_problems(ui, specs))
+
+
+def test_groups_must_not_overlap_or_cut_nodes(specs):
+    ui = readable(build_ui(), specs)
+    first = ui["nodes"][0]
+    fx, fy = first["pos"]
+    ui["groups"] = [{"title": "load", "bounding": [fx - 10, fy - 80, first["size"][0] + 20, first["size"][1] + 90]}]
+    assert wl.group_problems(ui, specs) == []
+    ui["groups"][0]["bounding"][2] -= 60  # the group's border now cuts the node
+    assert "across the border" in wl.group_problems(ui, specs)[0]
+    ui["groups"][0]["bounding"][2] += 60
+    ui["groups"].append({"title": "other", "bounding": [fx, fy, 50, 50]})
+    assert any("groups 'load' and 'other' overlap" in p for p in wl.group_problems(ui, specs))
+
+
+def test_thumbnail_rules(tmp_path):
+    from PIL import Image
+
+    assert "no thumbnail" in wl.thumbnail_problems(tmp_path / "none.jpg")[0]
+    Image.new("RGB", (256, 256), (40, 40, 40)).save(tmp_path / "flat.jpg", "JPEG")
+    assert "flat colour" in wl.thumbnail_problems(tmp_path / "flat.jpg")[0]
+    Image.linear_gradient("L").convert("RGB").save(tmp_path / "png.jpg", "PNG")
+    assert "not JPEG" in wl.thumbnail_problems(tmp_path / "png.jpg")[0]
+    Image.linear_gradient("L").resize((64, 64)).convert("RGB").save(tmp_path / "tiny.jpg", "JPEG")
+    assert "64x64" in wl.thumbnail_problems(tmp_path / "tiny.jpg")[0]
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    assert "not a readable image" in wl.thumbnail_problems(tmp_path / "junk.jpg")[0]
+    assert wl.thumbnail_problems(_thumbnail(tmp_path / "ok.jpg")) == []
+
+
+def test_orphan_thumbnail_is_reported(tmp_path, capsys):
+    folder, _ = _shipped_copy(tmp_path)
+    _thumbnail(folder / "gone.jpg")
+    rc, err = _check(folder, capsys)
+    assert rc == 1 and "gone.jpg: a thumbnail without a workflow gone.json" in err
+
+
+def test_fit_view_command_rewrites_only_stale_views(tmp_path, capsys):
+    folder, path = _shipped_copy(tmp_path)
+    ui = json.loads(path.read_text())
+    ui["extra"]["ds"] = {"scale": 1, "offset": [0, 0]}
+    path.write_text(json.dumps(ui))
+    assert _check(folder, capsys)[0] == 1
+    assert cli.main(["workflows", "--dir", str(folder), "--fit-view"]) == 0
+    assert json.loads(path.read_text())["extra"]["ds"] == json.loads(
+        (WORKFLOWS_DIR / path.name).read_text())["extra"]["ds"]
+    capsys.readouterr()
+    assert cli.main(["workflows", "--dir", str(folder), "--fit-view"]) == 0
+    assert "0 written" in capsys.readouterr().out
