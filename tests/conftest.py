@@ -14,6 +14,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _PackRootIsNoTestPackage:
+    """The repository root is the pack, a package (`__init__.py`) ComfyUI imports from any folder name. pytest would
+    collect it as a test package and import that `__init__.py` by the folder's name, which fails for checkouts named
+    like `ComfyUI-TuneLab`; collected as a plain directory, the tests run from a folder of any name."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if str(path) == _ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    # registered as a plugin, not a conftest hook: conftest hooks only see paths under tests/
+    config.pluginmanager.register(_PackRootIsNoTestPackage(), "tunelab-pack-root")
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("COMFYUI_PATH"):
         return
