@@ -127,10 +127,12 @@ def test_layout_root_holds_only_entry_points_and_core_has_no_import_circle():
 def test_suite_runs_from_a_checkout_folder_of_any_name(tmp_path):
     """A checkout named like a ComfyUI custom-nodes folder (`ComfyUI-TuneLab`) is not a Python identifier; pytest
     must not import the pack's root `__init__.py` by that name (tests/conftest.py collects the root as a folder)."""
-    link = tmp_path / "ComfyUI-TuneLab"
-    link.symlink_to(ROOT)
+    import shutil
+
+    copy = tmp_path / "ComfyUI-TuneLab"  # a copy, not a link: pytest resolves links to the real folder name
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "*.jpg"))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "tests/test_packaging.py", "-k", "registry_ids"],
-                          cwd=link, capture_output=True, text=True, timeout=300)
+                          cwd=copy, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
