@@ -628,9 +628,9 @@ def read_table(path) -> tuple[list, list]:
                        input_name="table")
 
 
-def _cell_image(cell, root: Path, column: str, row_no: int, table_name: str):
-    """(image source, display name) of one image cell: a relative path inside `root`, or a datasets-style
-    {"bytes": ..., "path": ...} struct (parquet)."""
+def _cell_image(cell, root: Path, column: str, row_no: int, table_name: str, root_label: str = "the image root"):
+    """(image source, display name) of one image cell: a relative path inside `root` (`root_label` names it in
+    messages), or a datasets-style {"bytes": ..., "path": ...} struct (parquet)."""
     where = f"row {row_no}, column '{column}'"
     if isinstance(cell, dict):
         if cell.get("bytes"):
@@ -638,7 +638,9 @@ def _cell_image(cell, root: Path, column: str, row_no: int, table_name: str):
         cell = cell.get("path")
     if not isinstance(cell, str) or not cell.strip():
         raise TuneLabError(f"{table_name} {where}: no image path", input_name=column)
-    path = confined_path(root, cell.strip(), column)  # table contents are untrusted too: no escaping the root
+    # table contents are untrusted too: no escaping the root
+    path = confined_path(root, cell.strip(), column, root_label=f"{root_label} ({root})",
+                         where=f"{table_name} {where}")
     return path, cell.strip()
 
 
@@ -666,8 +668,9 @@ def from_table(table, out_dir, *, columns="tunelab", image_root=None, seed: int 
         if not isinstance(instruction, str) or not instruction.strip():
             raise TuneLabError(f"'{table.name}' row {n}, column '{mapping['instruction']}': the instruction is empty",
                                input_name=mapping["instruction"])
-        a_src, a_name = _cell_image(row.get(mapping["input"]), root, mapping["input"], n, table.name)
-        b_src, b_name = _cell_image(row.get(mapping["edited"]), root, mapping["edited"], n, table.name)
+        label = "the image root" if image_root else "the table's folder"
+        a_src, a_name = _cell_image(row.get(mapping["input"]), root, mapping["input"], n, table.name, label)
+        b_src, b_name = _cell_image(row.get(mapping["edited"]), root, mapping["edited"], n, table.name, label)
         names, roles = (a_name, b_name), (mapping["input"], mapping["edited"])
         _load_pair(a_src, b_src, names, roles)  # check every pair before writing any
 
@@ -726,8 +729,8 @@ def read(folder, *, columns="tunelab", split: Optional[str] = None) -> list[Pair
             if row.get(mapping[role]) in (None, ""):
                 raise TuneLabError(f"'{folder.name}/{METADATA}' row {n} has no column '{mapping[role]}' ({role}); "
                                    f"its columns are: {', '.join(row)}", input_name="columns")
-        a, _ = _cell_image(row[mapping["input"]], folder, mapping["input"], n, METADATA)
-        b, _ = _cell_image(row[mapping["edited"]], folder, mapping["edited"], n, METADATA)
+        a, _ = _cell_image(row[mapping["input"]], folder, mapping["input"], n, METADATA, "the dataset folder")
+        b, _ = _cell_image(row[mapping["edited"]], folder, mapping["edited"], n, METADATA, "the dataset folder")
         if isinstance(a, bytes) or isinstance(b, bytes):
             raise TuneLabError(f"row {n}: embedded image bytes are not read here; import the table with from_table",
                                input_name="dataset")

@@ -10,7 +10,7 @@ MAX_PREVIEW = 64
 
 
 def _dataset_dir(dataset_name: str):
-    return confined_path(host.output_dir(), dataset_name, "dataset_name")
+    return confined_path(host.output_dir(), dataset_name, "dataset_name", root_label="ComfyUI's output folder")
 
 
 class WrongImageSynthesis:

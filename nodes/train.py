@@ -19,7 +19,7 @@ def lora_target(lora_name: str) -> tuple:
         name = name[: -len(".safetensors")]
     if not name.strip(" /\\."):
         raise TuneLabError("give the LoRA a file name, e.g. tunelab/wrong_lora", input_name="lora_name")
-    path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "lora_name")
+    path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "lora_name", root_label="models/loras")
     rel = Path(name.replace("\\", "/")).as_posix()
     run_dir = confined_path(host.output_dir(), f"tunelab/train/{rel}", "lora_name")
     return path, rel + ".safetensors", run_dir
@@ -176,10 +176,11 @@ def ip2p_target(mode: str, output_name: str) -> tuple:
     if not name.strip(" /."):
         raise TuneLabError("give the output a name, e.g. tunelab/ip2p_cartoon", input_name="output_name")
     if mode == "lora":
-        path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "output_name")
+        path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "output_name",
+                             root_label="models/loras")
         listed = Path(name).as_posix() + ".safetensors"
     else:
-        path = confined_path(host.model_dirs("diffusers")[0], name, "output_name")
+        path = confined_path(host.model_dirs("diffusers")[0], name, "output_name", root_label="models/diffusers")
         listed = Path(name).as_posix()
     run_dir = confined_path(host.output_dir(), f"tunelab/train_ip2p/{Path(name).as_posix()}", "output_name")
     return path, listed, run_dir
