@@ -7,35 +7,81 @@ from __future__ import annotations
 
 import dataclasses
 
-from .args import add_device, add_model, add_vae, split_list
+from .args import add_device, add_model, add_vae, file_source, model_source, runtime, split_list
 
-# flags with their own spelling or help; every other config field gets `--field-name` and "(default: X)"
+INPUT_FLAGS = {"output": "out", "data_dir": "data", "dataset": "data"}
+
+# what each config field does; the loop below adds its default once, from the config (or DEFAULTS)
 HELP = {
-    "instance_prompt": "the word the LoRA learns (default: wrong); with pivotal tuning it holds the token abstraction",
+    "instance_prompt": "the word the LoRA learns; with pivotal tuning it holds the token abstraction",
     "use_captions": "train on each image's 'text' from metadata.jsonl instead of the instance prompt",
-    "resolution": "training size in pixels, a multiple of 8 (default: 1024)",
-    "allow_upscale": "accept images smaller than the resolution (default: refused)",
-    "alpha": "lora_alpha (default: the rank, i.e. scale 1)",
-    "target_modules": "UNet modules with LoRA, comma-separated (default: to_k,to_q,to_v,to_out.0)",
+    "resolution": "training size in pixels, a multiple of 8; images are resized (short side) and cropped to it",
+    "center_crop": "crop at the center (default: a seeded random crop)",
+    "random_flip": "flip half of the images horizontally",
+    "repeats": "times each image appears per epoch",
+    "allow_upscale": "accept images smaller than the resolution (they are upscaled; default: refused)",
+    "rank": "LoRA rank",
+    "alpha": "lora_alpha",
+    "lora_dropout": "dropout on the LoRA layers",
     "train_text_encoder": "also train LoRA on both text encoders (q/k/v/out_proj)",
-    "max_train_steps": "optimizer steps (default: 500; 0 = use --num-train-epochs)",
-    "mixed_precision": "auto (follow the weights), no, fp16 or bf16 (default: auto)",
-    "cache_latents": "encode the images with the VAE once instead of every step",
-    "pivotal_tuning": "also learn new tokens <s0><s1>.. for --token-abstraction (saved as <out>_emb.safetensors)",
-    "with_prior_preservation": "regularise with class images (generated into --class-data-dir when missing)",
-    "checkpointing_steps": "save a checkpoint every N steps (default: 500; 0 = only on interrupt)",
-    "validation_prompt": "sample validation images with the trained LoRA from this prompt",
-    "save_diffusers_copy": "also write <out>_diffusers.safetensors with diffusers keys",
-    "snr_gamma": "Min-SNR weighting gamma, e.g. 5 (default: off)",
+    "text_encoder_lr": "learning rate of the text-encoder LoRA (and of new tokens)",
+    "learning_rate": "UNet LoRA learning rate",
+    "lr_scheduler": "learning-rate schedule (diffusers' get_scheduler)",
+    "lr_warmup_steps": "learning-rate warm-up steps",
+    "lr_num_cycles": "cycles of cosine_with_restarts",
+    "lr_power": "power of the polynomial schedule",
+    "max_train_steps": "optimizer steps; 0: use --num-train-epochs",
+    "num_train_epochs": "epochs, when --max-train-steps is 0",
+    "train_batch_size": "images per micro-batch",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_weight_decay": "AdamW weight decay of the UNet LoRA",
+    "adam_weight_decay_text_encoder": "AdamW weight decay of the text-encoder LoRA",
+    "adam_epsilon": "AdamW epsilon",
+    "max_grad_norm": "gradient-norm clipping",
     "use_8bit_adam": "8-bit AdamW (needs bitsandbytes and a GPU)",
+    "snr_gamma": "Min-SNR weighting gamma, e.g. 5",
+    "noise_offset": "noise offset added to the training noise",
+    "gradient_checkpointing": "trade compute for memory (for GPUs under 16 GB at 1024 px)",
+    "mixed_precision": "auto (follow the weights), no, fp16 or bf16",
+    "cache_latents": "encode the images with the VAE once instead of every step",
+    "seed": "seed of the LoRA init, data order, noise and timesteps, 0..2^63-1",
+    "with_prior_preservation": "regularise with class images (generated into --class-data-dir when missing)",
+    "class_data_dir": "folder of class images",
+    "class_prompt": "prompt of the class images (needed with --with-prior-preservation)",
+    "num_class_images": "class images used",
+    "prior_loss_weight": "weight of the class-image loss",
+    "class_generation_steps": "denoising steps of generated class images",
+    "class_generation_guidance": "guidance of generated class images",
+    "pivotal_tuning": "also learn new tokens <s0><s1>.. for --token-abstraction (saved as <out>_emb.safetensors)",
+    "token_abstraction": "the word in the prompts that the new tokens replace",
+    "num_new_tokens": "new tokens per abstraction",
+    "embedding_lr": "learning rate of the new tokens",
+    "train_embeddings_frac": "share of the steps during which the new tokens train",
+    "checkpointing_steps": "save a checkpoint every N steps; 0: only on interrupt",
+    "checkpoints_total_limit": "complete checkpoints kept",
+    "max_nonfinite": "non-finite losses in a row before the run stops and saves",
+    "save_diffusers_copy": "also write <out stem>_diffusers.safetensors with diffusers keys",
+    "validation_prompt": "sample validation images with the trained LoRA from this prompt",
+    "validation_negative": "negative prompt of the validation images",
+    "num_validation_images": "validation images per validation",
+    "validation_steps": "also validate every N steps; 0: only at the end",
+    "validation_inference_steps": "denoising steps of the validation images",
+    "validation_guidance": "guidance of the validation images",
 }
+# defaults that need words rather than the config's value
+DEFAULTS = {"alpha": "the rank, i.e. scale 1", "snr_gamma": "off", "embedding_lr": "--text-encoder-lr",
+            "class_data_dir": "<run dir>/class_images", "validation_prompt": "none, no validation images",
+            "validation_negative": "none", "class_prompt": "none",
+            "max_train_steps": "500"}
 _OWN = {"data_dir", "output", "model", "vae", "dtype", "device", "run_dir", "resume", "target_modules"}
 _OPTIONAL_FLOATS = {"alpha", "snr_gamma", "embedding_lr"}
 _OPTIONAL_INTS = {"max_train_steps", "checkpoints_total_limit"}
 
 
 def add_arguments(p) -> None:
-    from ..training.lora_sdxl import LoraTrainConfig
+    from ..training.lora_sdxl import LR_SCHEDULERS, LoraTrainConfig
 
     p.add_argument("--data", required=True, help="dataset folder: images + optional metadata.jsonl (file_name, text)")
     p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, kohya keys)")
@@ -45,28 +91,32 @@ def add_arguments(p) -> None:
     p.add_argument("--run-dir", default=None, help="checkpoints, loss curve and validation images "
                                                    "(default: <out stem>_run beside --out)")
     p.add_argument("--resume", default=None, help="'latest' (newest complete checkpoint in the run dir) or a "
-                                                  "checkpoint folder; refused if incompatible")
-    p.add_argument("--target-modules", default=",".join(LoraTrainConfig.target_modules), help=HELP["target_modules"])
+                                                  "checkpoint folder; refused if incompatible (default: a new run)")
+    p.add_argument("--target-modules", default=",".join(LoraTrainConfig.target_modules),
+                   help="UNet modules with LoRA, comma-separated (default %(default)s)")
     for f in dataclasses.fields(LoraTrainConfig):
         if f.name in _OWN:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        text = HELP.get(f.name, f.name.replace("_", " "))
+        shown = DEFAULTS.get(f.name, f"{default:g}" if isinstance(default, float) else default)
+        text = HELP[f.name] + ("" if isinstance(default, bool) else f" (default {shown})")
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=text)
         elif f.name in _OPTIONAL_FLOATS:
-            p.add_argument(flag, type=float, default=default, help=f"{text} (default: {default})")
+            p.add_argument(flag, type=float, default=default, help=text)
         elif f.name in _OPTIONAL_INTS:
-            p.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
+            p.add_argument(flag, type=int, default=default, help=text)
         elif f.name == "mixed_precision":
             p.add_argument(flag, default=default, choices=["auto", "no", "fp16", "bf16"], help=text)
+        elif f.name == "lr_scheduler":
+            p.add_argument(flag, default=default, choices=LR_SCHEDULERS, help=text)
         elif isinstance(default, int):
-            p.add_argument(flag, type=int, default=default, help=f"{text} (default: {default})")
+            p.add_argument(flag, type=int, default=default, help=text)
         elif isinstance(default, float):
-            p.add_argument(flag, type=float, default=default, help=f"{text} (default: {default:g})")
+            p.add_argument(flag, type=float, default=default, help=text)
         else:
-            p.add_argument(flag, default=default, help=f"{text} (default: {default!r})")
+            p.add_argument(flag, default=default, help=text)
 
 
 def config_from_args(args):
@@ -78,19 +128,23 @@ def config_from_args(args):
             values[f.name] = getattr(args, f.name)
     if values.get("max_train_steps") == 0:
         values["max_train_steps"] = None
-    from .. import host
-
-    return LoraTrainConfig(data_dir=args.data, output=args.out, model=host.resolve_model(args.model), vae=args.vae,
-                           dtype=args.dtype, device=args.device, run_dir=args.run_dir, resume=args.resume,
-                           target_modules=split_list(args.target_modules),
+    return LoraTrainConfig(data_dir=args.data, output=args.out, model=model_source(args.model),
+                           vae=file_source("vae", args.vae, "vae"), dtype=args.dtype, device=args.device,
+                           run_dir=args.run_dir, resume=args.resume, target_modules=split_list(args.target_modules),
                            **values)
 
 
 def run(args) -> int:
-    from ..core import tiny
-    from ..training.lora_sdxl import train
+    from ..core import files, tiny
+    from ..training.lora_sdxl import check_config, train
 
+    # -- every input, before any model loads (train() checks the config, the data and --resume first too)
+    files.check_input_dir(args.data, "data", what="dataset folder")
+    files.check_output_file(args.out, "out", suffixes=(".safetensors",))
     config = config_from_args(args)
+    check_config(config)
+    runtime(args)
+
     if args.model in tiny.PRESETS:
         print(f"note: {args.model} is a toy model that produces noise; train on SDXL 1.0 for a real LoRA")
     result = train(config)
@@ -103,7 +157,9 @@ def run(args) -> int:
     for label, path in (("embeddings", result.embeddings_path), ("diffusers copy", result.diffusers_path)):
         if path:
             print(f"wrote {label} {path}")
-    print(f"loss curve {result.loss_curve_png}; checkpoints in {result.run_dir / 'checkpoints'}")
+    print(f"loss curve {result.loss_curve_png}")
+    if result.last_checkpoint:  # only a folder that exists: with checkpointing off none is ever made
+        print(f"last checkpoint {result.last_checkpoint} (--resume latest continues from it)")
     if result.validation_images:
         print(f"validation images in {result.run_dir / 'validation'}")
     return 0

@@ -16,6 +16,10 @@ def ref(name: str) -> str:
     return f"\u27e8{name}\u27e9"
 
 
+def render_refs(text: str, spell: Optional[Callable[[str], str]] = None) -> str:
+    return _REF.sub(lambda m: (spell or (lambda name: name))(m.group(1)), str(text))
+
+
 class TuneLabError(ValueError):
     """Bad input or an unusable file. The message names the input and what to do.
 
@@ -31,7 +35,7 @@ class TuneLabError(ValueError):
     def render(self, spell: Optional[Callable[[str], str]] = None) -> str:
         """The one-line message; `spell` maps an input name to how the caller names it (default: unchanged)."""
         spell = spell or (lambda name: name)
-        text = _REF.sub(lambda m: spell(m.group(1)), self.message)
+        text = render_refs(self.message, spell)
         if not self.input_name:
             return text
         head, _, rest = self.input_name.partition(" ")
@@ -43,3 +47,10 @@ class TuneLabError(ValueError):
 
 class Interrupted(RuntimeError):
     """Raised at a safe boundary when the user asked to stop (Ctrl-C, SIGTERM, ComfyUI's interrupt)."""
+
+    def __init__(self, message: str = ""):
+        self.message = message
+        super().__init__(render_refs(message))
+
+    def render(self, spell: Optional[Callable[[str], str]] = None) -> str:
+        return render_refs(self.message, spell)

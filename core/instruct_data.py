@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import progress as progress_mod
+from .checks import check_number, check_seed
 from .errors import TuneLabError
 from .files import atomic_path, confined_path, write_text_atomic
 
@@ -246,9 +247,8 @@ def _check_limit(limit) -> int:
 
 
 def _check_fraction(val_fraction) -> float:
-    if not isinstance(val_fraction, (int, float)) or not 0.0 <= float(val_fraction) < 1.0:
-        raise TuneLabError(f"{val_fraction!r} must be from 0 up to (not including) 1", input_name="val_fraction")
-    return float(val_fraction)
+    return check_number(val_fraction, "val_fraction", 0.0, 1.0, hi_open=True,
+                        hint="the share of examples held out for validation; 0: none")
 
 
 def list_images(folder, input_name: str) -> dict:
@@ -390,7 +390,7 @@ def _write(examples: list, out_dir, *, settings: dict, seed: int, val_fraction: 
     done = _finished(out, fingerprint)
     if done is not None:  # the same build is already complete: reuse it (nodes re-run after a restart)
         return {"folder": out, "examples": done["examples"], "tasks": done["tasks"], "metadata": out / METADATA,
-                "info": done}
+                "info": done, "reused": True}
     _claim(out, fingerprint)
     rows = []
     with progress_mod.make(progress, len(examples), "instruction dataset") as bar:
@@ -419,7 +419,8 @@ def _write(examples: list, out_dir, *, settings: dict, seed: int, val_fraction: 
     write_text_atomic(out / METADATA, text)
     write_text_atomic(out / INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     (out / PARTIAL).unlink(missing_ok=True)
-    return {"folder": out, "examples": len(rows), "tasks": tasks, "metadata": out / METADATA, "info": info}
+    return {"folder": out, "examples": len(rows), "tasks": tasks, "metadata": out / METADATA, "info": info,
+            "reused": False}
 
 
 def _save_png(image, path: Path) -> None:
@@ -465,6 +466,7 @@ def from_folders(input_dir, target_dir, out_dir, *, instructions=None, task: Opt
     """Pairs from two folders matched by file stem (`cat.jpg` <-> `cat.png`), one instruction per example chosen
     by seed from `instructions` (None: the 50 built-in cartoonization synonyms)."""
     resolution, limit, val_fraction = _check_resolution(resolution), _check_limit(limit), _check_fraction(val_fraction)
+    seed = check_seed(seed)
     items = instruction_list(instructions)
     inputs = list_images(input_dir, "input_dir")
     targets = list_images(target_dir, "target_dir")
@@ -518,6 +520,7 @@ def synthesize(clean_dir, out_dir, *, degradations: Sequence[str] = DEFAULT_DEGR
     the clean one the target, the instruction the task's fixed prompt. Parameters are drawn per example from its
     own seeded stream and recorded in the metadata (`degradation`, `params`, `example_seed`)."""
     resolution, limit, val_fraction = _check_resolution(resolution), _check_limit(limit), _check_fraction(val_fraction)
+    seed = check_seed(seed)
     if isinstance(degradations, str):
         degradations = [d.strip() for d in degradations.split(",") if d.strip()]
     degradations = list(dict.fromkeys(degradations))
@@ -649,6 +652,7 @@ def from_table(table, out_dir, *, columns="tunelab", image_root=None, seed: int 
     """Import a local table of (input image, instruction, edited image). Image paths are relative to
     `image_root` (default: the table's folder) and must stay inside it."""
     resolution, limit, val_fraction = _check_resolution(resolution), _check_limit(limit), _check_fraction(val_fraction)
+    seed = check_seed(seed)
     mapping = resolve_columns(columns)
     table = Path(table)
     rows, cols = read_table(table)

@@ -538,11 +538,12 @@ def run(folder, handle, plan: Plan, *, steps: int, width: int, height: int, refi
     the module docstring. Every check that can fail runs before anything is written."""
     from . import images as images_mod
     from .prompt import encode
-    from .sampling import check_size, check_steps, generate, progress_total
+    from .sampling import check_high_noise_frac, check_scheduler, check_size, check_steps, generate, progress_total
 
     folder = Path(folder)
     check_size(width, height)
     check_steps(steps)
+    check_scheduler(scheduler)
     shard = parse_shard(shard)
     if not isinstance(instance_prompt, str) or not instance_prompt.strip():
         raise TuneLabError("the instance prompt is empty; the trainer needs one (the seed uses 'wrong')",
@@ -553,8 +554,8 @@ def run(folder, handle, plan: Plan, *, steps: int, width: int, height: int, refi
                            input_name="pipe")
     if refiner is not None and refiner.family != "sdxl-refiner":
         raise TuneLabError(f"the refiner must be an SDXL refiner; got {refiner.architecture}", input_name="refiner")
-    if refiner is not None and not 0.0 < high_noise_frac < 1.0:
-        raise TuneLabError(f"{high_noise_frac} must be between 0 and 1 (exclusive)", input_name="high_noise_frac")
+    if refiner is not None:
+        check_high_noise_frac(high_noise_frac)
     settings = job_settings(plan, handle, refiner=refiner, steps=steps, width=width, height=height,
                             high_noise_frac=high_noise_frac, scheduler=scheduler, instance_prompt=instance_prompt)
     doc = plan_document(plan, settings)

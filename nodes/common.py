@@ -12,8 +12,13 @@ def category(sub: str) -> str:
     return f"{CATEGORY}/{sub}"
 
 
-def seed_input(tooltip: str = "Random seed; the same seed gives the same pixels.", default: int = 42):
-    return ("INT", {"default": default, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": tooltip})
+def seed_input(tooltip: str = "Random seed; the same seed gives the same pixels.", default: int = 42,
+               maximum: int | None = None):
+    """A seed widget over the range the generator takes as it is (core.checks.SEED_MAX; trainers TRAIN_SEED_MAX)."""
+    from ..core.checks import SEED_MAX
+
+    return ("INT", {"default": default, "min": 0, "max": SEED_MAX if maximum is None else maximum,
+                    "tooltip": tooltip})
 
 
 def size_input(name: str, default: int = 1024):

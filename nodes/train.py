@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import host
+from ..core.checks import TRAIN_SEED_MAX
 from ..core.errors import TuneLabError
 from ..core.files import confined_path
 from .common import PIPE, category, dataset_folder, output_images, seed_input
@@ -75,7 +76,8 @@ class TrainLora:
             "train_batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per micro-batch."}),
             "gradient_accumulation_steps": ("INT", {"default": 4, "min": 1, "max": 1024,
                                                     "tooltip": "Micro-batches per optimizer step."}),
-            "seed": seed_input("Seed of the LoRA init, data order, noise and timesteps.", default=0),
+            "seed": seed_input("Seed of the LoRA init, data order, noise and timesteps.", default=0,
+                               maximum=TRAIN_SEED_MAX),
             "resume": (["none", "latest"], {"default": "none", "tooltip":
                        "latest: continue from the newest complete checkpoint of this lora_name (refused if there "
                        "is none or it was made with other settings)."}),
@@ -236,7 +238,8 @@ class TrainInstructPix2Pix:
                                               "classifier-free guidance."),
             "use_ema": _bool(False, "Keep an exponential moving average of the weights and save it (diffusers' "
                                     "EMAModel, the seed's --use_ema); holds a second copy of the trained weights."),
-            "seed": seed_input("Seed of the data order, flips, noise, timesteps and dropout.", default=42),
+            "seed": seed_input("Seed of the data order, flips, noise, timesteps and dropout.", default=42,
+                               maximum=TRAIN_SEED_MAX),
             "resume": (["none", "latest"], {"default": "none", "tooltip":
                        "latest: continue from the newest complete checkpoint of this output_name (refused if there "
                        "is none or it was made with other settings)."}),

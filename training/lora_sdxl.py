@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core import images as images_mod
-from ..core.errors import TuneLabError
+from ..core.checks import TRAIN_SEED_MAX, check_seed
+from ..core.errors import TuneLabError, ref
 from . import common
 
 log = logging.getLogger("tunelab")
@@ -204,6 +205,7 @@ def check_config(c: LoraTrainConfig) -> None:
     if c.checkpoints_total_limit is not None:
         _check_int(c.checkpoints_total_limit, "checkpoints_total_limit", 1, 10_000)
     _check_int(c.max_nonfinite, "max_nonfinite", 1, 10_000)
+    check_seed(c.seed, hi=TRAIN_SEED_MAX)
     _check_int(c.validation_steps, "validation_steps", 0, MAX_STEPS)
     _check_int(c.num_validation_images, "num_validation_images", 1, 16)
     _check_int(c.validation_inference_steps, "validation_inference_steps", 1, 1000)
@@ -451,6 +453,8 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
     output = Path(c.output).expanduser().resolve()
     run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.stem + "_run")
     ckpt_dir = run_dir / "checkpoints"
+    if c.resume not in (None, "", "none"):
+        common.find_checkpoint(ckpt_dir, c.resume)  # refused before the data is read or any model loads
 
     # -- data first: a bad dataset is refused before any model loads
     records = _load_records(c.data_dir, c.instance_prompt)
@@ -514,7 +518,7 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
         ckpt = common.load_checkpoint(common.find_checkpoint(ckpt_dir, c.resume), config=identity, base=base_id)
         if ckpt.step >= max_steps:
             raise TuneLabError(f"the checkpoint {ckpt.path} is at step {ckpt.step}, already at or past "
-                               f"max_train_steps={max_steps}; raise max_train_steps to train further",
+                               f"{ref('max_train_steps')} {max_steps}; raise it to train further",
                                input_name="max_train_steps")
 
     examples = prepare_examples(records, captions, resolution=c.resolution, center_crop=c.center_crop,
