@@ -20,6 +20,7 @@ it reproduces compel (and the published notebooks) exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import threading
@@ -520,6 +521,39 @@ class _Encoder:
         return pooled
 
 
+_LONG_PROMPT_KEY = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+class _DropLongPromptWarning:
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("Token indices sequence length is longer")
+
+
+@contextlib.contextmanager
+def quiet_long_prompt_warning(pipe):
+    """transformers warns "Token indices sequence length is longer than the specified maximum" when compel
+    tokenizes a long prompt whole before chunking it; TuneLab never truncates (77-token chunks), so the warning is
+    false here. Dropped for our own tokenizer calls only: the filter lives for this block, and each tokenizer's
+    warn-once flag is put back afterwards, so a later call elsewhere still warns."""
+    import logging
+
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
+                  if isinstance(getattr(t, "deprecation_warnings", None), dict)]
+    flags = [(t, t.deprecation_warnings.get(_LONG_PROMPT_KEY)) for t in tokenizers]
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    quiet = _DropLongPromptWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+        for tok, flag in flags:
+            if flag is None:
+                tok.deprecation_warnings.pop(_LONG_PROMPT_KEY, None)
+            else:
+                tok.deprecation_warnings[_LONG_PROMPT_KEY] = flag
+
+
 def _share_parse(compel_obj):
     # compel parses every prompt once per encoder with a freshly built grammar (~20 ms for the seed's example on a
     # CPU); `check` has already parsed it with compel's own parser, so the instances reuse that result.
@@ -585,7 +619,7 @@ def encode(handle, prompt: str, negative: str = "", batch: int = 1, *, pooled_fr
 
     lora.activate(handle)
     enc = _encoder_for(handle)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_long_prompt_warning(handle.pipe):
         weighted_and = any(w != 1 for w in list(pos_conj.weights) + list(neg_conj.weights))
         embeds, neg_embeds, pooled, neg_pooled = enc(prompt, negative, weighted_and)
         if pooled_from == "clean" and pooled is not None:
