@@ -171,6 +171,14 @@ def check_config(c: Ip2pTrainConfig) -> None:
         _check_int(c.checkpoints_total_limit, "checkpoints_total_limit", 1, 10_000)
     _check_int(c.max_nonfinite, "max_nonfinite", 1, 10_000)
     check_seed(c.seed, hi=TRAIN_SEED_MAX)
+    if c.resume not in (None, "", "none"):  # a missing checkpoint is refused before the data is read
+        common.find_checkpoint(_run_dir(c) / "checkpoints", c.resume)
+
+
+def _run_dir(c: Ip2pTrainConfig) -> Path:
+    output = Path(c.output).expanduser().resolve()
+    default_run = output.with_name((output.stem if c.mode == "lora" else output.name) + "_run")
+    return Path(c.run_dir).expanduser().resolve() if c.run_dir else default_run
 
 
 # what a checkpoint must agree on to resume (run length and outputs may change; the LR schedule needs the length)
@@ -220,11 +228,8 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
     c = config
     check_config(c)
     output = Path(c.output).expanduser().resolve()
-    default_run = output.with_name((output.stem if c.mode == "lora" else output.name) + "_run")
-    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else default_run
+    run_dir = _run_dir(c)
     ckpt_dir = run_dir / "checkpoints"
-    if c.resume not in (None, "", "none"):
-        common.find_checkpoint(ckpt_dir, c.resume)  # refused before the data is read or any model loads
 
     # -- data first: a bad dataset is refused before any model loads
     pairs = instruct_data.read(c.data_dir, columns=c.columns)

@@ -230,8 +230,13 @@ def check_config(c: LoraTrainConfig) -> None:
         except ImportError:
             raise TuneLabError("8-bit Adam needs bitsandbytes, which is not installed (pip install bitsandbytes, "
                                "GPU only); or train with the regular AdamW", input_name="use_8bit_adam") from None
-    if c.resume not in (None, "", "none", "latest") and not Path(str(c.resume)).expanduser().exists():
-        raise TuneLabError(f"checkpoint not found: {c.resume}", input_name="resume")
+    if c.resume not in (None, "", "none"):  # a missing checkpoint is refused before the data is read
+        common.find_checkpoint(_run_dir(c) / "checkpoints", c.resume)
+
+
+def _run_dir(c: LoraTrainConfig) -> Path:
+    output = Path(c.output).expanduser().resolve()
+    return Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.stem + "_run")
 
 
 # What a checkpoint must agree on to resume: everything that changes the math, nothing that only changes length,
@@ -451,10 +456,8 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
     c = config
     check_config(c)
     output = Path(c.output).expanduser().resolve()
-    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.stem + "_run")
+    run_dir = _run_dir(c)
     ckpt_dir = run_dir / "checkpoints"
-    if c.resume not in (None, "", "none"):
-        common.find_checkpoint(ckpt_dir, c.resume)  # refused before the data is read or any model loads
 
     # -- data first: a bad dataset is refused before any model loads
     records = _load_records(c.data_dir, c.instance_prompt)
