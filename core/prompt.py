@@ -325,7 +325,7 @@ def check(prompt: str, *, input_name: str = "positive", required: bool = True):
     text = "" if prompt is None else str(prompt)
     if not text.strip():
         if required:
-            raise PromptSyntaxError(f"the {input_name} prompt is empty; write what the image should show",
+            raise PromptSyntaxError(f"the {_what(input_name)} is empty; write what the image should show",
                                     text, None, input_name=input_name)
         return _parse("")
     checker = _Checker(text, input_name)
@@ -359,8 +359,8 @@ def check(prompt: str, *, input_name: str = "positive", required: bool = True):
         checker.fail(".swap() is not supported", 0)
     if not any(_words(p) for p in conj.prompts):
         if required:
-            checker.fail(f"the {input_name} prompt has no words, only syntax", None)
-        checker.fail(f"the {input_name} prompt has no words, only syntax; leave it empty instead", None)
+            checker.fail(f"the {_what(input_name)} has no words, only syntax", None)
+        checker.fail(f"the {_what(input_name)} has no words, only syntax; leave it empty instead", None)
     return conj
 
 
@@ -399,6 +399,11 @@ def _judge(checker: _Checker, conj) -> None:
             checker.fail(f"compel reads '{chunk}' as plain text, not as a weight; a weight follows a plain word or a "
                          f"(group) directly and ends at a space, a comma or the end, e.g. (words){m.group(1)}",
                          _find(text, chunk))
+
+
+def _what(input_name: str) -> str:
+    """'positive' -> 'positive prompt'; names that say what they are ('prompt', 'instruction') stay as they are."""
+    return input_name if ("prompt" in input_name or "instruction" in input_name) else f"{input_name} prompt"
 
 
 def check_prompts(positive, negatives=(), *, positive_name: str = "positive", negative_name: str = "negative",
