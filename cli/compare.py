@@ -40,7 +40,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .. import host
     from ..core import compare, files, lora, models, tiny
     from ..core.checks import check_number
     from ..core.errors import TuneLabError
@@ -51,7 +50,8 @@ def run(args) -> int:
     width, height = args.size or ((TINY_SIZE, TINY_SIZE) if is_tiny else (1024, 1024))
     seed = random.randint(0, 10**8) if args.seed == RANDOM_SEED else args.seed
     compare.check([args.negative], args.prompt, seed=seed, steps=steps, guidance=args.guidance, width=width,
-                  height=height, scheduler=args.scheduler, high_noise_frac=args.high_noise_frac if args.refiner else None)
+                  height=height, scheduler=args.scheduler,
+                  high_noise_frac=args.high_noise_frac if args.refiner else None)
     check_number(args.strength, "strength", -100.0, 100.0)
     files.check_output_dir(args.out, "out")
     base_source = model_source(args.model)

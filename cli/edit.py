@@ -16,7 +16,8 @@ def add_arguments(p) -> None:
     add_model(p, "tiny-ip2p", "InstructPix2Pix model")
     p.add_argument("--negative", default="", help="optional negative prompt, compel syntax (default: none)")
     p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
-                   help=f"image guidance scale, 0..100; guidance runs when it is >= 1 (default {DEFAULT_IMAGE_GUIDANCE})")
+                   help=f"image guidance scale, 0..100; guidance runs when it is >= 1 "
+                        f"(default {DEFAULT_IMAGE_GUIDANCE})")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"text guidance scale, 0..100 (default {DEFAULT_GUIDANCE})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,

@@ -9,7 +9,6 @@ import datetime
 import json
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 from . import images as images_mod

@@ -219,7 +219,7 @@ class _Checker:
         cut = _last_syntax(word)
         if cut >= 0:
             head = word[cut + 1:]
-            fix = (f"write it without the '=' (a group holding '=' is plain text too)" if word[cut] == "=" else
+            fix = ("write it without the '=' (a group holding '=' is plain text too)" if word[cut] == "=" else
                    f"write ({word}){run}")
             if not self.stack or word[cut] == "=":  # '=' makes the whole group plain text
                 self.fail(f"compel reads '{word}{run}' as plain text, not as a weight: a + or - after a word that "
