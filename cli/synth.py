@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .args import add_device, add_model, add_scheduler, add_vae, file_source, model_source, runtime
-from ..core.synthesis import DEFAULT_BOOST, DEFAULT_GUIDANCE, DEFAULT_INSTANCE_PROMPT, DEFAULT_KEYWORDS, DEFAULT_TEMPLATE
+from ..core.synthesis import (DEFAULT_BOOST, DEFAULT_GUIDANCE, DEFAULT_INSTANCE_PROMPT, DEFAULT_KEYWORDS,
+                              DEFAULT_TEMPLATE)
 
 TINY_STEPS, TINY_SIZE = 4, 64
 
@@ -69,6 +70,7 @@ def run(args) -> int:
     shard = synthesis.parse_shard(args.shard)
     check_text(args.instance_prompt, "instance_prompt", what="instance prompt")
     files.check_output_dir(args.out, "out")
+    synthesis.check_folder(args.out, "out")  # a foreign folder is refused now; a different plan once the model is known
     base_source = model_source(args.model)
     refiner_source = model_source(args.refiner, "refiner") if args.refiner else None
     vae = file_source("vae", args.vae, "vae")

@@ -345,3 +345,10 @@ def test_edit_writes_the_format_its_ending_names(tmp_path):
         assert main(["edit", "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / name), "--steps", "1"]) == 0
         with Image.open(tmp_path / name) as im:
             assert im.format == fmt and im.size == (24, 16)
+
+
+def test_foreign_dataset_folder_refused_before_loading(tmp_path, capsys, no_model_loads):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "notes.txt").write_text("mine")
+    line = refused(capsys, ["synth", "--out", str(tmp_path / "ds")], "--out", tmp_path)
+    assert "not a TuneLab dataset" in line
