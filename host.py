@@ -251,6 +251,43 @@ def resolve_file(kind: str, name: str) -> str:
     return str(p) if p else name
 
 
+def check_model(name, input_name: str = "model") -> str:
+    """`resolve_model`, refusing a name that is neither a listed model (`model_choices`) nor an existing file or
+    folder, with the closest listed names; loads nothing."""
+    from .core.checks import unknown_name
+    from .core.files import check_path_text
+
+    check_path_text(name, input_name, "model")  # empty, NUL
+    text = str(name).strip()
+    from .core import tiny
+
+    resolved = resolve_model(text)
+    if text in tiny.PRESETS or resolved != text or Path(text).expanduser().exists():
+        return resolved
+    where = "models/checkpoints or models/diffusers" if inside_comfyui() else f"{local_models_dir()}"
+    raise unknown_name(text, model_choices(), input_name, "model",
+                       more=f"(a tiny preset, a name from {where}, a .safetensors file or a diffusers folder)")
+
+
+def check_file(kind: str, name, input_name: str) -> str:
+    """`resolve_file`, refusing a name that is neither listed in the `kind` folder nor an existing file."""
+    from .core.checks import unknown_name
+    from .core.files import check_path_text
+
+    check_path_text(name, input_name, kind)  # empty, NUL
+    text = str(name).strip()
+    resolved = resolve_file(kind, text)
+    p = Path(resolved).expanduser()
+    if p.is_file():
+        return resolved
+    if p.is_dir():
+        from .core.errors import TuneLabError
+
+        raise TuneLabError(f"'{text}' is a folder; give a file", input_name=input_name)
+    raise unknown_name(text, filename_list(kind), input_name, kind.rstrip("s") + " file",
+                       more=f"(a name from {model_dirs(kind)[0]} or a path to a file)")
+
+
 def runtime(device_choice: str = "auto", dtype_choice: str = "auto"):
     """(device, dtype) following ComfyUI's choice for "auto"."""
     import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .args import add_device
+from .args import add_device, file_source, model_source, runtime
 from ..core.errors import TuneLabError
 from ..core.instruct import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 
@@ -12,20 +12,27 @@ from ..core.instruct import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_ST
 def add_arguments(p) -> None:
     p.add_argument("--dataset", required=True, help="instruction dataset folder (with metadata.jsonl)")
     p.add_argument("--model", action="append", default=None, metavar="[LABEL=]MODEL[+LORA[:WEIGHT]]",
-                   help="an InstructPix2Pix model (checkpoint, diffusers folder or tiny preset), optionally labelled "
-                        "and with LoRAs, e.g. tuned=tiny-ip2p+out/derain.safetensors:0.8; repeat to compare several "
-                        "(default: tiny-ip2p)")
+                   help="an InstructPix2Pix model (a tiny preset, a name `python -m tunelab info` lists, a "
+                        "checkpoint or a diffusers folder), optionally labelled and with LoRAs, e.g. "
+                        "tuned=tiny-ip2p+out/derain.safetensors:0.8; repeat to compare several "
+                        "(default tiny-ip2p, a built-in tiny model that produces noise)")
     p.add_argument("--lora", action="append", default=[], metavar="LABEL=FILE[:WEIGHT]",
                    help="also evaluate the first --model with this LoRA (e.g. a train-ip2p --mode lora result), "
                         "labelled LABEL; repeat for several")
-    p.add_argument("--columns", default="tunelab", help="column preset or mapping of the dataset (default tunelab)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    p.add_argument("--columns", default="tunelab",
+                   help="column preset or mapping of the dataset, e.g. input=COL,instruction=COL,edited=COL "
+                        "(default %(default)s)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"denoising steps, 1..1000 (default {DEFAULT_STEPS})")
     p.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
-                   help=f"image guidance (default {DEFAULT_IMAGE_GUIDANCE})")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"text guidance (default {DEFAULT_GUIDANCE})")
-    p.add_argument("--seed", type=int, default=0, help="one seed for every example and model (default 0)")
-    p.add_argument("--limit", type=int, default=10, help="first N held-out pairs (default 10; 0: all)")
-    p.add_argument("--negative", default="", help="optional negative prompt for every model")
+                   help=f"image guidance, 0..100 (default {DEFAULT_IMAGE_GUIDANCE})")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"text guidance, 0..100 (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="one seed for every example and model, 0..2^64-1 (default 0)")
+    p.add_argument("--limit", type=int, default=10, help="the first N held-out pairs; 0: all (default 10)")
+    p.add_argument("--negative", default="",
+                   help="optional negative prompt for every model, compel syntax (default: none)")
     p.add_argument("--clip-model", default=None,
                    help="CLIP model (folder in models/scorers, a path, or tiny-clip) for CLIP image similarity to the "
                         "ground truth / input and CLIP directional similarity (default: none)")
@@ -40,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--sweep-guidance", type=float, nargs="+", default=None, metavar="G",
                    help="sweep these text guidance values")
     add_device(p)
-    p.add_argument("--out", required=True, help="output folder for images, grids and reports")
+    p.add_argument("--out", required=True, help="output folder for images, grids and reports (made if missing)")
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,8 @@ def parse_model_spec(spec: str) -> ModelSpec:
     base, *loras = source.split("+")
     if not base.strip():
         raise TuneLabError(f"'{spec}' names no model before '+'; write e.g. tuned=tiny-ip2p+out/lora.safetensors",
-                           input_name="--model")
-    return ModelSpec(label, base.strip(), tuple(_lora_weight(x, "--model") for x in loras))
+                           input_name="model")
+    return ModelSpec(label, base.strip(), tuple(_lora_weight(x, "model") for x in loras))
 
 
 def parse_lora_spec(spec: str, base: str) -> ModelSpec:
@@ -91,7 +98,7 @@ def parse_lora_spec(spec: str, base: str) -> ModelSpec:
     label, sep, file = spec.partition("=")
     if not sep or not label.strip() or _known(spec):
         label, file = "", spec
-    return ModelSpec(label.strip(), base, (_lora_weight(file, "--lora"),))
+    return ModelSpec(label.strip(), base, (_lora_weight(file, "lora"),))
 
 
 def model_specs(models, loras) -> list:
@@ -101,22 +108,35 @@ def model_specs(models, loras) -> list:
 
 def run(args) -> int:
     from .. import host
-    from ..core import instruct, lora, models, scoring, tiny
+    from ..core import files, instruct, instruct_data, lora, models, scoring, tiny
+    from ..core.checks import check_int
 
-    # checked before any model loads
+    # -- every input, before any model loads
+    specs = model_specs(args.model, args.lora)
+    instruct.check_settings(args.steps, args.image_guidance, args.guidance, args.seed)
+    instruct.check_prompts(instruct.DEFAULT_INSTRUCTION, args.negative)
+    check_int(args.limit, "limit", 0, hint="0: every held-out pair")
     instruct.parse_caption_columns(args.caption_columns)
     for values, name in ((args.sweep_image_guidance, "image_guidance_sweep"), (args.sweep_guidance, "guidance_sweep")):
         instruct.parse_guidance_values(values or [], name)
-    specs = model_specs(args.model, args.lora)
+    files.check_input_dir(args.dataset, "dataset", what="dataset folder", marker=instruct_data.METADATA)
+    pairs = instruct_data.held_out(args.dataset, columns=args.columns)
+    instruct.check_pairs(pairs[:args.limit] if args.limit else pairs, args.negative)
+    files.check_output_dir(args.out, "out")
+    sources = [(spec.label, model_source(spec.base),
+                [(file_source("loras", file, "lora"), weight) for file, weight in spec.loras]) for spec in specs]
+    runtime(args)
     scorers = {kind: None if not source or source == "none" else
                scoring.load(host.resolve_scorer(source), kind, device=args.device, input_name=f"{kind}_model")
                for kind, source in (("clip", args.clip_model), ("dino", args.dino_model))}
+
+    # -- the work
     labelled = []
-    for spec in specs:
-        handle = models.load(host.resolve_model(spec.base), dtype=args.dtype, device=args.device)
-        for file, weight in spec.loras:
-            handle = lora.load(handle, host.resolve_file("loras", file), weight)
-        labelled.append((spec.label, handle) if spec.label else handle)
+    for label, source, loras in sources:
+        handle = models.load(source, dtype=args.dtype, device=args.device)
+        for file, weight in loras:
+            handle = lora.load(handle, file, weight)
+        labelled.append((label, handle) if label else handle)
     if any(spec.base in tiny.PRESETS for spec in specs):
         print("note: tiny presets are toy models that produce noise; their scores mean nothing.")
     common = dict(steps=args.steps, seed=args.seed, limit=args.limit, negative=args.negative, columns=args.columns,

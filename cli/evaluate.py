@@ -12,9 +12,8 @@ device; whichever process finishes last writes the report. `--shard I/N` does th
 from __future__ import annotations
 
 import os
-import sys
 
-from .args import add_device, add_model, add_vae
+from .args import add_device, add_model, add_scheduler, add_vae, file_source, model_source, runtime
 from ..core.compare import DEFAULT_NEGATIVE, REFINER_MODES, STATE_NAMES
 from ..core.evaluation import DEFAULT_PROMPT_SET, DEFAULT_SEEDS, PROMPT_SETS
 from ..core.statistics import DEFAULT_RESAMPLES
@@ -33,7 +32,7 @@ def add_arguments(p) -> None:
     add_vae(p)
     p.add_argument("--lora", default=None, help="LoRA .safetensors for the lora_ states; default on tiny-sdxl: the "
                                                 "built-in tiny LoRA")
-    p.add_argument("--strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--strength", type=float, default=1.0, help="LoRA strength, -100..100 (default 1.0)")
     p.add_argument("--states", default=",".join(STATE_NAMES),
                    help=f"comma-separated states from {', '.join(STATE_NAMES)} (default: all four)")
     p.add_argument("--negative", default=DEFAULT_NEGATIVE, help="negative prompt of the _negative states (default wrong)")
@@ -42,11 +41,12 @@ def add_arguments(p) -> None:
                         f"a .txt file with one prompt per line (default {DEFAULT_PROMPT_SET})")
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="SEED",
                    help="seeds; every (prompt, seed) is one paired unit (default 0 1 2 3)")
-    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default 50; {TINY_STEPS} on tiny models)")
-    p.add_argument("--guidance", type=float, default=13.0, help="classifier-free guidance (default 13)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps, 1..1000 (default 50; {TINY_STEPS} on tiny models)")
+    p.add_argument("--guidance", type=float, default=13.0, help="classifier-free guidance, 0..100 (default 13)")
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
                    help=f"image size (default 1024 1024; {TINY_SIZE} {TINY_SIZE} on tiny models)")
-    p.add_argument("--scheduler", default="default", help="diffusers scheduler name (default: the model's)")
+    add_scheduler(p)
     p.add_argument("--refiner", default=None, help="optional SDXL refiner for every state")
     p.add_argument("--refiner-lora", default=None, help="optional LoRA on the refiner (for --refiner-mode negative-only)")
     p.add_argument("--refiner-mode", default="plain", choices=REFINER_MODES,
@@ -105,7 +105,9 @@ def _scorer_source(value: str, kind: str, is_tiny: bool):
 
 def run(args) -> int:
     from .. import host
-    from ..core import compare, evaluation, lora, models, sampling, scoring, statistics, tiny
+    from ..core import compare, evaluation, lora, models, scoring, statistics, tiny
+    from ..core.checks import check_number
+    from ..core.errors import TuneLabError
 
     if args.merge:
         result = evaluation.merge(args.out, resamples=args.resamples, stats_seed=args.stats_seed)
@@ -113,22 +115,30 @@ def run(args) -> int:
         print(f"wrote {result.paths['json']}, report.csv, report.md, scores.png and {len(result.paths['grids'])} grid(s)")
         return 0
     is_tiny = args.model in tiny.PRESETS
-    steps = args.steps or (TINY_STEPS if is_tiny else 50)
+    steps = args.steps if args.steps is not None else (TINY_STEPS if is_tiny else 50)
     width, height = args.size or ((TINY_SIZE, TINY_SIZE) if is_tiny else (1024, 1024))
     # every check that needs no model, before anything loads
     names = compare.parse_state_names(args.states)
     prompts = evaluation.parse_prompts(args.prompts)
     seeds = evaluation.parse_seeds(args.seeds)
-    sampling.check_size(width, height)
-    sampling.check_steps(steps)
+    for prompt in prompts:  # every prompt with the negative and the settings, as one comparison checks them
+        compare.check([args.negative], prompt, seed=seeds[0], steps=steps, guidance=args.guidance, width=width,
+                      height=height, scheduler=args.scheduler,
+                      high_noise_frac=args.high_noise_frac if args.refiner else None)
+    check_number(args.strength, "strength", -100.0, 100.0)
     statistics.check_resamples(args.resamples)
-    if args.refiner_mode == "negative-only" and not (args.refiner and args.refiner_lora):
-        print("error: --refiner-mode negative-only needs --refiner and --refiner-lora", file=sys.stderr)
-        return 2
-    if args.lora is None and args.model != "tiny-sdxl" and any(n.startswith("lora") for n in names):
-        print("error: --lora is required with a real model for the lora_ states (the built-in LoRA is for "
-              "tiny-sdxl only)", file=sys.stderr)
-        return 2
+    base_source = model_source(args.model)
+    refiner_source = model_source(args.refiner, "refiner") if args.refiner else None
+    vae = file_source("vae", args.vae, "vae")
+    lora_file = file_source("loras", args.lora, "lora")
+    refiner_lora = file_source("loras", args.refiner_lora, "refiner_lora")
+    if args.refiner_mode == "negative-only" and not (refiner_source and refiner_lora):
+        raise TuneLabError("negative-only needs a refiner and a refiner LoRA; give --refiner and --refiner-lora",
+                           input_name="refiner_mode")
+    if lora_file is None and args.model != "tiny-sdxl" and any(n.startswith("lora") for n in names):
+        raise TuneLabError("a LoRA is required with a real model for the lora_ states (the built-in LoRA is for "
+                           "tiny-sdxl only)", input_name="lora")
+    runtime(args)
     dist = _distributed(args.device)
     shard = evaluation.parse_shard(args.shard) if args.shard else (
         (dist.process_index, dist.num_processes) if dist else (0, 1))
@@ -144,16 +154,15 @@ def run(args) -> int:
                for m, src in sources.items() if src is not None}
     evaluation.check_scorers(scorers)
 
-    base = models.load(host.resolve_model(args.model), vae=args.vae, dtype=args.dtype, device=device)
+    base = models.load(base_source, vae=vae, dtype=args.dtype, device=device)
     refiner = None
-    if args.refiner:
-        refiner = models.load(host.resolve_model(args.refiner), dtype=args.dtype, device=device)
-        if args.refiner_lora:
-            refiner = lora.load(refiner, host.resolve_file("loras", args.refiner_lora), 1.0)
+    if refiner_source:
+        refiner = models.load(refiner_source, dtype=args.dtype, device=device)
+        if refiner_lora:
+            refiner = lora.load(refiner, refiner_lora, 1.0)
     lora_pipe = None
     if any(n.startswith("lora") for n in names):
-        path = args.lora or tiny.wrong_lora()
-        lora_pipe = lora.load(base, host.resolve_file("loras", str(path)), args.strength)
+        lora_pipe = lora.load(base, lora_file or tiny.wrong_lora(), args.strength)
     if is_tiny:
         print("note: tiny models produce noise and the tiny scorers are random; the numbers only show the "
               "machinery works. Use SDXL, the wrong LoRA, CLIP ViT-L/14 and PickScore for real ones.")

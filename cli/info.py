@@ -3,7 +3,8 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    pass
+    parser.description = ("print versions, the device and the models found, each listed as the name --model, "
+                          "--lora and --vae accept")
 
 
 def run(args) -> int:
@@ -25,7 +26,10 @@ def run(args) -> int:
     print(f"device: {host.device()} (default dtype {host.default_dtype()})")
     print(f"inside ComfyUI: {host.inside_comfyui()}; models folder: {host.model_dirs('checkpoints')[0].parent}")
     print(f"tiny presets: {', '.join(tiny.PRESETS)} (cache {tiny.cache_dir()})")
-    for kind in ("checkpoints", "diffusers", "loras", "vae"):
-        names = host.filename_list(kind)
-        print(f"{kind}: {len(names)} found" + (": " + ", ".join(names[:20]) if names else ""))
+    # each list in the spelling its flag accepts: --model diffusers/NAME, not NAME
+    lists = (("models (--model, --refiner)", host.model_choices()[len(tiny.PRESETS):]),
+             ("loras (--lora)", host.filename_list("loras")), ("vae (--vae)", host.filename_list("vae")))
+    for what, names in lists:
+        shown = ", ".join(names[:20]) + (f" ... ({len(names)} in all)" if len(names) > 20 else "")
+        print(f"{what}: {len(names)} found" + (f": {shown}" if names else ""))
     return 0

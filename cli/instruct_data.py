@@ -1,6 +1,8 @@
 """`python -m tunelab instruct-data {folders,table,synth}`: build an instruction dataset for InstructPix2Pix."""
 from __future__ import annotations
 
+INPUT_FLAGS = {"input_dir": "inputs", "target_dir": "targets", "clean_dir": "clean", "instructions": "instruction"}
+
 
 def add_arguments(p) -> None:
     from ..core.instruct_data import COLUMN_PRESETS, DEFAULT_DEGRADATIONS, DEGRADATIONS
@@ -14,7 +16,9 @@ def add_arguments(p) -> None:
                    help="an instruction; repeat for synonyms chosen per example by seed "
                         "(default: the 50 built-in cartoonization synonyms)")
     g.add_argument("--instructions-file", default=None, help="a text file of instructions, one per line")
-    f.add_argument("--task", default=None, help="task name recorded per example (default: from the instruction)")
+    f.add_argument("--task", default=None,
+                   help="task name recorded per example (default: from the instruction, 'cartoonize' for the "
+                        "built-in synonyms)")
     t = sub.add_parser("table", help="import a local jsonl / csv / parquet table")
     t.add_argument("--table", required=True, help="the table file")
     t.add_argument("--columns", default="tunelab",
@@ -23,28 +27,39 @@ def add_arguments(p) -> None:
     s = sub.add_parser("synth", help="low-level pairs from clean images: rain, noise, blur, low light")
     s.add_argument("--clean", required=True, help="folder of clean images (the targets)")
     s.add_argument("--degradations", default=",".join(DEFAULT_DEGRADATIONS),
-                   help=f"comma-separated, from {', '.join(DEGRADATIONS)} (default: %(default)s)")
+                   help=f"comma-separated, from {', '.join(DEGRADATIONS)} (default %(default)s)")
     for q in (f, t, s):
-        q.add_argument("--out", required=True, help="new dataset folder")
-        q.add_argument("--seed", type=int, default=0, help="seed (default 0); same seed, same bytes")
+        q.add_argument("--out", required=True,
+                       help="new dataset folder (a finished one with the same settings is reused as it is)")
+        q.add_argument("--seed", type=int, default=0,
+                       help="seed of the instruction choice and degradations, 0..2^64-1; same seed, same bytes "
+                            "(default 0)")
         q.add_argument("--resolution", type=int, default=0,
                        help="resize the shorter side to this first (default 0: keep the size)")
-        q.add_argument("--limit", type=int, default=0, help="keep the first N examples (default 0: all)")
+        q.add_argument("--limit", type=int, default=0, help="keep the first N examples; 0: all (default 0)")
         q.add_argument("--val-fraction", type=float, default=0.0,
-                       help="fraction held out as split 'validation', by source image and stratified by task "
-                            "(default 0: none)")
+                       help="fraction held out as split 'validation', by source image and stratified by task, "
+                            "from 0 up to 1; 0: none (default 0)")
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from ..core import instruct_data
+    from ..core import files, instruct_data
 
+    files.check_output_dir(args.out, "out")
     common = dict(seed=args.seed, resolution=args.resolution, limit=args.limit, val_fraction=args.val_fraction)
     if args.source == "folders":
         instructions = args.instruction
         if args.instructions_file:
-            instructions = Path(args.instructions_file).read_text(encoding="utf-8")
+            path = files.check_input_file(args.instructions_file, "instructions_file", what="instructions file")
+            try:
+                instructions = Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                from ..core.errors import TuneLabError
+
+                raise TuneLabError(f"'{path}' is not UTF-8 text ({e.reason}); save it as UTF-8",
+                                   input_name="instructions_file") from None
         result = instruct_data.from_folders(args.inputs, args.targets, args.out, instructions=instructions,
                                             task=args.task, **common)
     elif args.source == "table":
@@ -53,5 +68,6 @@ def run(args) -> int:
     else:
         result = instruct_data.synthesize(args.clean, args.out, degradations=args.degradations, **common)
     tasks = ", ".join(f"{k}: {v}" for k, v in result["tasks"].items())
-    print(f"wrote {result['examples']} example(s) to {result['folder']} ({tasks})")
+    verb = "reused the finished dataset" if result.get("reused") else "wrote"
+    print(f"{verb} {result['examples']} example(s) in {result['folder']} ({tasks})")
     return 0

@@ -43,13 +43,13 @@ def add_arguments(parser) -> None:
                         help="also download temporary preview files (PreviewImage); by default only saved outputs")
     parser.add_argument("--out", type=Path, default=Path("queue-output"),
                         help="folder for the downloaded outputs: images, reports, other files the nodes report "
-                             "(default: ./queue-output)")
+                             "(default ./queue-output)")
     parser.add_argument("--no-download", action="store_true", help="do not download anything")
     parser.add_argument("--timeout", type=float, default=3600.0, metavar="S",
                         help="give up (and cancel the prompt) after S seconds per job (default 3600)")
     parser.add_argument("--quiet", action="store_true", help="print only the outcome of each job")
     parser.add_argument("--traceback", type=int, default=0, metavar="N",
-                        help="on a node failure, also print the last N lines of its traceback")
+                        help="on a node failure, also print the last N lines of its traceback (default 0: none)")
 
 
 class _Printer:
@@ -76,8 +76,15 @@ def _declared_inputs(client, cache: dict):
 
 
 def run(args) -> int:
+    from ..core import files
     from ..core import queue_client as qc
+    from ..core.checks import check_int, check_number
 
+    # flags first (exit 2): nothing is queued with a bad one
+    check_number(args.timeout, "timeout", 0.0, lo_open=True, hint="seconds per job")
+    check_int(args.traceback, "traceback", 0, hint="lines of a failed node's traceback; 0: none")
+    if not args.no_download:
+        files.check_output_dir(args.out, "out")
     say = _Printer(args.quiet)
     try:
         graph = qc.load_api_graph(args.workflow)

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from .args import add_config_flags, add_device, split_list
+from .args import add_config_flags, add_device, model_source, runtime, split_list
+
+INPUT_FLAGS = {"output": "out", "data_dir": "data", "dataset": "data"}
 
 HELP = {
     "mode": "full: train the whole UNet (a pipeline folder); lora: a LoRA on an InstructPix2Pix model",
-    "model": "InstructPix2Pix or SD1.x model",
+    "model": "InstructPix2Pix or SD1.x model: a tiny preset, a name `python -m tunelab info` lists, a checkpoint or a "
+             "diffusers folder (tiny-ip2p is a built-in tiny model that produces noise)",
     "columns": "dataset column preset or mapping (input=COL,instruction=COL,edited=COL); the imagefolder layout "
                "(*_file_name columns) is read without one",
-    "split": "train on this split when the dataset has one",
-    "resolution": "training size, both images of a pair resized to it (256, the seed's; on a tiny preset the dataset's smallest side)",
-    "allow_upscale": "accept pairs smaller than the resolution, upscaled with a warning (default: refused)",
+    "split": "train on this split when the dataset has one; '' for every row",
+    "resolution": "training size in pixels, a multiple of 8; both images of a pair are resized to it",
+    "allow_upscale": "accept pairs smaller than the resolution, upscaled with a warning; refused otherwise",
     "random_flip": "flip pairs horizontally (both images together)",
     "conditioning_dropout_prob": "drop the instruction / the image with this probability each (0: none)",
     "max_train_steps": "optimizer steps (0 = use --num-train-epochs)",
@@ -26,7 +29,7 @@ HELP = {
     "validation_image": "an image to edit with --validation-prompt during the run",
     "validation_prompt": "the instruction of the validation edits",
     "validation_steps": "validate every N steps (0 = only at the end)",
-    "validation_seed": "seed of the validation edits, the same at every validation (default: --seed)",
+    "validation_seed": "seed of the validation edits, the same at every validation",
     "report_to": "none, or tensorboard: loss, lr, grad norm and validation edits in <run dir>/logs",
 }
 _OWN = {"data_dir", "output", "dtype", "device", "run_dir", "resume", "target_modules"}
@@ -52,11 +55,14 @@ def add_arguments(p) -> None:
                      optional_types={"conditioning_dropout_prob": float, "max_train_steps": int,
                                      "max_train_samples": int, "checkpoints_total_limit": int, "lora_alpha": float,
                                      "validation_image": str, "validation_prompt": str, "validation_seed": int, "resolution": int,
-                                     "model": str})
+                                     "model": str},
+                     shown_defaults={"resolution": "256; on a tiny preset the dataset's smallest side",
+                                     "validation_seed": "--seed", "lora_alpha": "the rank, i.e. scale 1"})
     add_device(p)
     p.add_argument("--run-dir", default=None,
                    help="checkpoints and loss curve (default: <out>_run; LoRA: <out stem>_run)")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
+    p.add_argument("--resume", default=None,
+                   help="'latest' or a checkpoint path; refused if incompatible (default: a new run)")
 
 
 def config_from_args(args):
@@ -70,15 +76,27 @@ def config_from_args(args):
         values["max_train_steps"] = None
     if not values.get("split"):
         values["split"] = None
+    if values.get("model") is not None:
+        values["model"] = model_source(values["model"])
     return Ip2pTrainConfig(data_dir=args.data, output=args.out, dtype=args.dtype, device=args.device,
                            run_dir=args.run_dir, resume=args.resume, target_modules=split_list(args.target_modules),
                            **values)
 
 
 def run(args) -> int:
-    from ..training.ip2p import train
+    from ..core import files
+    from ..training.ip2p import check_config, train
 
-    result = train(config_from_args(args))
+    # -- every input, before any model loads (train() checks the config, the data and --resume first too)
+    files.check_input_dir(args.data, "data", what="dataset folder")
+    cfg = config_from_args(args)
+    if cfg.mode == "lora":
+        files.check_output_file(args.out, "out", suffixes=(".safetensors",), new=True)
+    else:
+        files.check_output_dir(args.out, "out", new=True)
+    check_config(cfg)
+    runtime(args)
+    result = train(cfg)
     print(f"trained {result.steps} step(s); wrote {result.output} and {result.loss_curve_png}")
     if result.diffusers_path:
         print(f"wrote diffusers copy {result.diffusers_path}")

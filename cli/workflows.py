@@ -49,6 +49,7 @@ def load(path: Path):
 def run(args) -> int:
     from ..core import files, workflow, workflow_layout
 
+    files.check_input_dir(args.dir, "dir", what="workflows folder")
     specs = pack_specs()
     folder = Path(args.dir)
     api_dir = folder / "api"

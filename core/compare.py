@@ -156,13 +156,12 @@ class Comparison:
 def run(states: Sequence[State], prompt: str, *, seed: int, steps: int = 50, guidance: float = 13.0,
         width: int = 1024, height: int = 1024, refiner: Optional[PipeHandle] = None, high_noise_frac: float = 0.8,
         scheduler: str = "default", refiner_mode: str = "plain", progress=None) -> Comparison:
-    from .sampling import check_size, check_steps
 
     check_states(states, refiner, refiner_mode)
     if not prompt or not prompt.strip():
         raise TuneLabError("the prompt is empty; the comparison needs one shared prompt", input_name="prompt")
-    check_size(width, height)  # refuse before any state runs
-    check_steps(steps)
+    check(states, prompt, seed=seed, steps=steps, guidance=guidance, width=width, height=height, scheduler=scheduler,
+          high_noise_frac=high_noise_frac if refiner is not None else None)  # refuse before any state runs
     panels = []
     for state in states:
         image = generate_state(state, prompt, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
@@ -198,6 +197,18 @@ def grid_details(states: Sequence[State], *, steps: int, guidance: float, width:
         parts.append(f"refiner {Path(str(refiner.source)).stem}")
     parts.append("LoRA " + ", ".join(loras) if loras else "no LoRA")
     return " · ".join(parts)
+def check(states_or_negatives, prompt: str, *, seed, steps, guidance, width, height, scheduler="default",
+          high_noise_frac=None) -> None:
+    """Every input of a comparison, before any model loads or any panel runs: the shared prompt and every state's
+    negative (together, so a bad negative is not found after the first panel), and the sampling settings.
+    `states_or_negatives`: the states, or just their negative prompts (the CLI checks before it loads models)."""
+    from .prompt import check_prompts
+    from .sampling import check_generation
+
+    negatives = [getattr(s, "negative", s) for s in states_or_negatives]
+    check_prompts(prompt, negatives, positive_name="prompt", negative_name="negative")
+    check_generation(seed=seed, steps=steps, guidance=guidance, width=width, height=height, scheduler=scheduler,
+                     high_noise_frac=high_noise_frac)
 
 
 def versions() -> dict:
@@ -212,14 +223,16 @@ def versions() -> dict:
     return out
 
 
-def save(comparison: Comparison, out_dir) -> dict:
+def save(comparison: Comparison, out_dir, input_name: str = "out") -> dict:
     """Write grid.png, 01.png.. and settings.json into `out_dir` (each atomically). Returns the paths."""
-    out = Path(out_dir)
+    from .files import check_output_dir
+
+    out = check_output_dir(out_dir, input_name)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"tunelab": json.dumps(comparison.settings)}
+    meta = {"tunelab": json.dumps(comparison.settings, allow_nan=False)}  # settings are checked finite
     paths = {"grid": images_mod.save_png(comparison.grid, out / "grid.png", meta)}
     paths["panels"] = [images_mod.save_png(p, out / f"{i:02d}.png", meta) for i, p in enumerate(comparison.panels, 1)]
-    write_text_atomic(out / "settings.json", json.dumps(comparison.settings, indent=2))
+    write_text_atomic(out / "settings.json", json.dumps(comparison.settings, indent=2, allow_nan=False))
     paths["settings"] = out / "settings.json"
     return paths
 

@@ -43,6 +43,26 @@ def save_png(image, path, metadata: dict | None = None) -> Path:
 
 
 MIN_FONT = 9
+# file endings `save_image` writes, and the format each one gets
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def save_image(image, path, metadata: dict | None = None) -> Path:
+    """Write one PIL image in the format its file ending names (`IMAGE_FORMATS`), atomically: PNG with the
+    metadata as text chunks, JPEG (quality 95) with it as a comment. Another ending is refused before writing."""
+    from .errors import TuneLabError
+
+    path = Path(path)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise TuneLabError(f"'{path.name}': TuneLab writes {', '.join(IMAGE_FORMATS)} images; change the ending",
+                           input_name="out")
+    if fmt == "PNG":
+        return save_png(image, path, metadata)
+    comment = "\n".join(f"{k}: {v}" for k, v in (metadata or {}).items())
+    with atomic_path(path) as tmp:
+        image.convert("RGB").save(tmp, format="JPEG", quality=95, **({"comment": comment} if comment else {}))
+    return path
 
 
 def _font(size: int):

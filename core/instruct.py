@@ -49,13 +49,25 @@ def check_pipe(handle: PipeHandle, input_name: str = "pipe") -> None:
             "one) or the tiny-ip2p preset.", input_name=input_name)
 
 
-def check_settings(steps, image_guidance, guidance) -> None:
-    from .sampling import check_steps
+def check_settings(steps, image_guidance, guidance, seed=0, scheduler: str = "default") -> None:
+    """Every sampling setting of an edit, before anything loads or runs."""
+    from .checks import check_seed
+    from .sampling import check_guidance, check_scheduler, check_steps
 
     check_steps(steps)
-    for name, v in (("image_guidance", image_guidance), ("guidance", guidance)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= MAX_GUIDANCE:
-            raise TuneLabError(f"{v!r} is out of range; use a number from 0 to {MAX_GUIDANCE:g}", input_name=name)
+    check_guidance(image_guidance, "image_guidance", MAX_GUIDANCE)
+    check_guidance(guidance, "guidance", MAX_GUIDANCE)
+    check_seed(seed)
+    check_scheduler(scheduler)
+
+
+def check_prompts(instruction, negative="", *, instruction_name: str = "instruction") -> str:
+    """The instruction and the negative prompt, together (compel syntax), before any work."""
+    from .prompt import check_prompts as check_pair
+
+    text = check_instruction(instruction, instruction_name)
+    check_pair(text, negative or "", positive_name=instruction_name, negative_name="negative")
+    return text
 
 
 def check_instruction(instruction, input_name: str = "instruction") -> str:
@@ -64,6 +76,12 @@ def check_instruction(instruction, input_name: str = "instruction") -> str:
         raise TuneLabError("the instruction is empty; write the edit to make, e.g. "
                            f"'{DEFAULT_INSTRUCTION}'", input_name=input_name)
     return text
+
+
+def check_pairs(pairs, negative: str = "") -> None:
+    """The instructions of dataset pairs (with the negative prompt), each named by its pair."""
+    for n, pair in enumerate(pairs, 1):
+        check_prompts(pair.instruction, negative, instruction_name=f"dataset pair {n} ({pair.name}) instruction")
 
 
 def _as_batch(images, input_name: str = "image"):
@@ -117,8 +135,8 @@ def edit(handle: PipeHandle, images, instruction: str, *, image_guidance: float 
     from .sampling import _run, _StepReporter, generator, to_image_tensor
 
     check_pipe(handle)
-    text = check_instruction(instruction)
-    check_settings(steps, image_guidance, guidance)
+    text = check_prompts(instruction, negative)
+    check_settings(steps, image_guidance, guidance, seed, scheduler)
     batch = _as_batch(images)
     b, h, w = int(batch.shape[0]), int(batch.shape[1]), int(batch.shape[2])
     try:
@@ -273,7 +291,8 @@ def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidan
     from .compare import versions
 
     labelled = _labelled(models)
-    check_settings(steps, image_guidance, guidance)
+    check_settings(steps, image_guidance, guidance, seed)
+    check_prompts(DEFAULT_INSTRUCTION, negative)
     _check_scorer(clip, "clip", "clip_model")
     _check_scorer(dino, "dino", "dino_model")
     caption_columns = parse_caption_columns(caption_columns)
@@ -283,6 +302,7 @@ def evaluate(models, dataset_folder, *, steps: int = DEFAULT_STEPS, image_guidan
     pairs = instruct_data.held_out(dataset_folder, columns=columns)
     if limit:
         pairs = pairs[:limit]
+    check_pairs(pairs, negative)  # every instruction before the first model runs
     out = Path(out_dir) if out_dir is not None else None
     fname = settings_name(steps, image_guidance, guidance) + ".png"
     rows, grids, paths = [], [], {"images": [], "grids": []}

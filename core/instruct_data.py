@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import progress as progress_mod
+from .checks import check_number, check_seed
 from .errors import TuneLabError
 from .files import atomic_path, confined_path, write_text_atomic
 
@@ -259,9 +260,8 @@ def _check_limit(limit) -> int:
 
 
 def _check_fraction(val_fraction) -> float:
-    if not isinstance(val_fraction, (int, float)) or not 0.0 <= float(val_fraction) < 1.0:
-        raise TuneLabError(f"{val_fraction!r} must be from 0 up to (not including) 1", input_name="val_fraction")
-    return float(val_fraction)
+    return check_number(val_fraction, "val_fraction", 0.0, 1.0, hi_open=True,
+                        hint="the share of examples held out for validation; 0: none")
 
 
 def list_images(folder, input_name: str) -> dict:
@@ -487,7 +487,7 @@ def _write(examples: list, out_dir, *, settings: dict, seed: int, val_fraction: 
     done = _finished(out, fingerprint)
     if done is not None:  # the same build is already complete: reuse it (nodes re-run after a restart)
         return {"folder": out, "examples": done["examples"], "tasks": done["tasks"], "metadata": out / METADATA,
-                "info": done}
+                "info": done, "reused": True}
     _claim(out, fingerprint)
     rows = []
     with progress_mod.make(progress, len(examples), "instruction dataset") as bar:
@@ -523,7 +523,8 @@ def _write(examples: list, out_dir, *, settings: dict, seed: int, val_fraction: 
     write_text_atomic(out / METADATA, text)
     write_text_atomic(out / INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     (out / PARTIAL).unlink(missing_ok=True)
-    return {"folder": out, "examples": len(rows), "tasks": tasks, "metadata": out / METADATA, "info": info}
+    return {"folder": out, "examples": len(rows), "tasks": tasks, "metadata": out / METADATA, "info": info,
+            "reused": False}
 
 
 def _save_png(image, path: Path) -> None:
@@ -569,6 +570,7 @@ def from_folders(input_dir, target_dir, out_dir, *, instructions=None, task: Opt
     """Pairs from two folders matched by file stem (`cat.jpg` <-> `cat.png`), one instruction per example chosen
     by seed from `instructions` (None: the 50 built-in cartoonization synonyms)."""
     resolution, limit, val_fraction = _check_resolution(resolution), _check_limit(limit), _check_fraction(val_fraction)
+    seed = check_seed(seed)
     items = instruction_list(instructions)
     inputs = list_images(input_dir, "input_dir")
     targets = list_images(target_dir, "target_dir")
@@ -630,6 +632,7 @@ def synthesize(clean_dir, out_dir, *, degradations: Sequence[str] = DEFAULT_DEGR
     the clean one the target, the instruction the task's fixed prompt. Parameters are drawn per example from its
     own seeded stream and recorded in the metadata (`degradation`, `params`, `example_seed`)."""
     resolution, limit, val_fraction = _check_resolution(resolution), _check_limit(limit), _check_fraction(val_fraction)
+    seed = check_seed(seed)
     if isinstance(degradations, str):
         degradations = [d.strip() for d in degradations.split(",") if d.strip()]
     degradations = list(dict.fromkeys(degradations))
@@ -773,9 +776,9 @@ def read_table(path) -> tuple[list, list]:
                        input_name="table")
 
 
-def _cell_image(cell, root: Path, column: str, row_no: int, table_name: str):
-    """(image source, display name) of one image cell: a relative path inside `root`, or a datasets-style
-    {"bytes": ..., "path": ...} struct (parquet)."""
+def _cell_image(cell, root: Path, column: str, row_no: int, table_name: str, root_label: str = "the image root"):
+    """(image source, display name) of one image cell: a relative path inside `root` (`root_label` names it in
+    messages), or a datasets-style {"bytes": ..., "path": ...} struct (parquet)."""
     where = f"row {row_no}, column '{column}'"
     if isinstance(cell, dict):
         if cell.get("bytes"):
@@ -783,7 +786,9 @@ def _cell_image(cell, root: Path, column: str, row_no: int, table_name: str):
         cell = cell.get("path")
     if not isinstance(cell, str) or not cell.strip():
         raise TuneLabError(f"{table_name} {where}: no image path", input_name=column)
-    path = confined_path(root, cell.strip(), column)  # table contents are untrusted too: no escaping the root
+    # table contents are untrusted too: no escaping the root
+    path = confined_path(root, cell.strip(), column, root_label=f"{root_label} ({root})",
+                         where=f"{table_name} {where}")
     return path, cell.strip()
 
 
@@ -792,6 +797,7 @@ def from_table(table, out_dir, *, columns="tunelab", image_root=None, seed: int 
     """Import a local table of (input image, instruction, edited image). Image paths are relative to
     `image_root` (default: the table's folder) and must stay inside it."""
     resolution, limit, val_fraction = _check_resolution(resolution), _check_limit(limit), _check_fraction(val_fraction)
+    seed = check_seed(seed)
     mapping = resolve_columns(columns)
     table = Path(table)
     rows, cols = read_table(table)
@@ -807,8 +813,9 @@ def from_table(table, out_dir, *, columns="tunelab", image_root=None, seed: int 
         if not isinstance(instruction, str) or not instruction.strip():
             raise TuneLabError(f"'{table.name}' row {n}, column '{mapping['instruction']}': the instruction is empty",
                                input_name=mapping["instruction"])
-        a_src, a_name = _cell_image(row.get(mapping["input"]), root, mapping["input"], n, table.name)
-        b_src, b_name = _cell_image(row.get(mapping["edited"]), root, mapping["edited"], n, table.name)
+        label = "the image root" if image_root else "the table's folder"
+        a_src, a_name = _cell_image(row.get(mapping["input"]), root, mapping["input"], n, table.name, label)
+        b_src, b_name = _cell_image(row.get(mapping["edited"]), root, mapping["edited"], n, table.name, label)
         names, roles = (a_name, b_name), (mapping["input"], mapping["edited"])
         _load_pair(a_src, b_src, names, roles)  # check every pair before writing any
 
@@ -868,8 +875,8 @@ def read(folder, *, columns="tunelab", split: Optional[str] = None) -> list[Pair
             if row.get(mapping[role]) in (None, ""):
                 raise TuneLabError(f"'{folder.name}/{METADATA}' row {n} has no column '{mapping[role]}' ({role}); "
                                    f"its columns are: {', '.join(row)}", input_name="columns")
-        a, _ = _cell_image(row[mapping["input"]], folder, mapping["input"], n, METADATA)
-        b, _ = _cell_image(row[mapping["edited"]], folder, mapping["edited"], n, METADATA)
+        a, _ = _cell_image(row[mapping["input"]], folder, mapping["input"], n, METADATA, "the dataset folder")
+        b, _ = _cell_image(row[mapping["edited"]], folder, mapping["edited"], n, METADATA, "the dataset folder")
         if isinstance(a, bytes) or isinstance(b, bytes):
             raise TuneLabError(f"row {n}: embedded image bytes are not read here; import the table with from_table",
                                input_name="dataset")

@@ -160,6 +160,36 @@ def unmapped_modules(handle: PipeHandle, state_dict: dict) -> tuple[int, list[st
     return len(modules), sorted(missing)
 
 
+def mismatched_shape(handle: PipeHandle, parts: dict) -> Optional[str]:
+    """The first LoRA weight whose shape does not fit the module it patches, described in one line, or None.
+
+    `parts`: {component: weights in PEFT keys} (what `_to_peft` gives). lora_A must take the module's input width
+    (Linear in_features, Conv2d in_channels), lora_B give its output width, and both share one rank. diffusers
+    would otherwise refuse the file with its whole state dict in the message."""
+    for comp, sd in parts.items():
+        model = getattr(handle.pipe, comp, None)
+        if model is None:
+            continue
+        modules = dict(model.named_modules())
+        ranks: dict = {}
+        for key in sorted(sd):
+            mod_name, sep, rest = key.partition(".lora_")
+            weight = getattr(modules.get(mod_name), "weight", None)
+            tensor = sd[key]
+            if not sep or weight is None or getattr(tensor, "ndim", 0) < 2 or weight.ndim < 2:
+                continue
+            side, axis = ("A", 1) if rest.startswith("A") else ("B", 0)
+            if tensor.shape[axis] != weight.shape[axis]:
+                what = "inputs" if side == "A" else "outputs"
+                return (f"{comp}.{key} has shape {tuple(tensor.shape)}, but {comp}.{mod_name} has "
+                        f"{weight.shape[axis]} {what} (weight {tuple(weight.shape)})")
+            rank = tensor.shape[0] if side == "A" else tensor.shape[1]
+            if ranks.setdefault(mod_name, (rank, key))[0] != rank:
+                return (f"{comp}.{key} has rank {rank}, but {comp}.{ranks[mod_name][1]} has rank "
+                        f"{ranks[mod_name][0]}")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # applying
 
@@ -168,6 +198,9 @@ def unmapped_modules(handle: PipeHandle, state_dict: dict) -> tuple[int, list[st
 def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = None) -> PipeHandle:
     """A new handle with the LoRA on its stack. The incoming handle is never changed; the weights are loaded into
     the shared pipe once per file (as a disabled-by-default adapter), so branches share one copy."""
+    from .checks import check_number
+
+    check_number(strength, "strength", -100.0, 100.0)
     path = Path(path)
     name = name or path.name
     state_dict, metadata = read_file(path)
@@ -183,6 +216,10 @@ def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = 
         if len(missing) > MAX_UNMAPPED_FRACTION * total:
             raise TuneLabError(msg + "; it was probably made for another model", input_name="lora")
         log.warning("TuneLab: %s (ignored)", msg)
+    bad = mismatched_shape(handle, {comp: weights for comp, (weights, _) in _to_peft(handle, state_dict)[0].items()})
+    if bad:
+        raise TuneLabError(f"'{name}' does not fit this model: {bad}; it was made for another model (or another "
+                           f"size of it). Load a LoRA trained for {handle.architecture}", input_name="lora")
     embeddings = read_embeddings(handle, path, metadata)  # checked before anything is applied
     sha = sha256_file(path)
     adapter = f"tl_{sha[:16]}"
@@ -225,9 +262,10 @@ def _apply(handle: PipeHandle, state_dict: dict, adapter: str, name: str, metada
             for comp in ("unet", "text_encoder", "text_encoder_2"):
                 if getattr(pipe, comp, None) is not None:
                     adapters.dora_from_base_norm(getattr(pipe, comp), adapter)
-    except Exception as e:
+    except Exception as e:  # one line: diffusers' messages can hold the whole state dict
         remove(handle.pipe, adapter)
-        raise TuneLabError(f"could not apply '{name}': {e}", input_name="lora") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TuneLabError(f"could not apply '{name}': {first[:300]}", input_name="lora") from e
     finally:
         diffusers_logging.set_verbosity(verbosity)
 

@@ -122,11 +122,31 @@ def resolve_dtype(dtype, device):
 
 
 def resolve_device(device):
+    """The torch device for a choice ("auto", "cpu", "cuda:1" ...), refusing one that does not exist here."""
     import torch
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise TuneLabError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N", input_name="device") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TuneLabError(f"'{device}': this machine has no CUDA device; use auto or cpu", input_name="device")
+        if dev.index is not None and dev.index >= count:
+            raise TuneLabError(f"'{device}': this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}",
+                               input_name="device")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TuneLabError(f"'{device}': MPS is not available here; use auto or cpu", input_name="device")
+    return dev
+
+
+def check_runtime(device, dtype) -> tuple:
+    """(device, dtype) as `load` resolves them, checked before anything loads."""
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
 
 
 # ---------------------------------------------------------------------------------------------------------------

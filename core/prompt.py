@@ -24,6 +24,7 @@ it reproduces compel (and the published notebooks) exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import threading
@@ -40,6 +41,10 @@ MAX_BATCH = 64
 
 # compel's escapable characters (prompt_parser.build_parser_syntax: syntactic_symbols)
 _ESCAPABLE = frozenset('()",.+-=')
+_SYNTAX_CHARS = '()",.+-='
+# a sign run that compel left in the text although it looks like a weight: right after a character (not a space, a
+# backslash or another sign) and before a space, the end or punctuation ('sunset+!', 'f/1.8+ lens')
+_LITERAL_WEIGHT = re.compile(r"(?<=[^\s\\+\-])(\++|-+)(?=\s|$|[^\w\s+\-])")
 _NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _SIGNED_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _OPERATOR = re.compile(r"\.([A-Za-z_]\w*)")
@@ -58,6 +63,19 @@ class PromptSyntaxError(TuneLabError):
         self.position = position
         where = "" if position is None else f" (at position {position + 1}: \"{_excerpt(text, position)}\")"
         super().__init__(problem + where, input_name=input_name)
+
+
+def _last_syntax(word: str) -> int:
+    """Index of the last unescaped '.' or '=' in a word (-1: none); compel's plain words end there."""
+    last, k = -1, 0
+    while k < len(word):
+        if word[k] == "\\" and k + 1 < len(word) and word[k + 1] in _ESCAPABLE:
+            k += 2
+            continue
+        if word[k] in ".=":
+            last = k
+        k += 1
+    return last
 
 
 def _excerpt(text: str, pos: int, width: int = 24) -> str:
@@ -178,10 +196,13 @@ class _Checker:
         while j < n and text[j] in "+-":
             j += 1
         run = text[i:j]
+        if self.last == "word":
+            return self.word_weight(i, j)
         if self.last not in ("word", "group"):
             if j == n or text[j].isspace() or text[j] in '),"':
                 self.fail(f"dangling weight operator '{run}': there is no word or (group) directly before it; "
-                          f"write word{run} or (some words){run}, or escape it (\\{run[0]}) to mean the character", i)
+                          f"write word{run} or (some words){run}, or attach it to the next word ({run}word) to keep "
+                          "it as text", i)
             self.last = "word"  # '-5' or '+y': compel reads these as text
             return j
         if len(set(run)) > 1:
@@ -189,6 +210,46 @@ class _Checker:
         if self.last == "group" and _NUMBER.match(text, j):  # '(x)+1.3': compel weights by '+', reads '1.3' as text
             self.fail("a group takes one weight: a number or a run of + or -, not both; write (words)++ or "
                       "(words)1.2", i)
+        self.last = "weighted"
+        return j
+
+    def word_weight(self, i: int, j: int) -> int:
+        """A run of + or - right after a plain word (compel's `word+`). compel's grammar decides what it is, and
+        several spellings that look like a weight are read as something else: refuse those, saying how to write
+        what was meant. (A single sign before a letter is a hyphen or a plus inside a word: `x-ray`, `a+b`.)"""
+        text, n = self.text, len(self.text)
+        run, nxt = text[i:j], (text[j] if j < n else "")
+        start = i
+        while start > 0 and not text[start - 1].isspace() and text[start - 1] not in '(",':
+            start -= 1
+        word = text[start:i]
+        if len(run) == 1 and nxt and not nxt.isspace() and nxt not in _SYNTAX_CHARS:
+            if nxt.isalnum() or nxt == "_":
+                self.last = "word"  # part of the word, as compel reads it
+                return j
+            self.fail(f"compel reads '{word}{run}{nxt}' as plain text, not as a weight: a {run} only weights "
+                      f"when a space, a comma or the end follows it. Write {word}{run} {nxt} to weight "
+                      f"'{word}', or {word} {run}{nxt} to keep the '{run}' as text", i)
+        if len(run) > 1 and (nxt.isalnum() or nxt == "_"):
+            end = j
+            while end < n and (text[end].isalnum() or text[end] == "_"):
+                end += 1
+            rest = text[j:end]
+            self.fail(f"compel weights '{word}' and reads '{rest}' as a new word ('{word}{run}{rest}' is split in "
+                      f"two); put a space after the weight: {word}{run} {rest}", i)
+        cut = _last_syntax(word)
+        if cut >= 0:
+            head = word[cut + 1:]
+            fix = ("write it without the '=' (a group holding '=' is plain text too)" if word[cut] == "=" else
+                   f"write ({word}){run}")
+            if not self.stack or word[cut] == "=":  # '=' makes the whole group plain text
+                self.fail(f"compel reads '{word}{run}' as plain text, not as a weight: a + or - after a word that "
+                          f"holds '{word[cut]}' is not syntax. To weight it {fix}; to keep it as text leave out the "
+                          f"'{run}'", i)
+            self.fail(f"compel weights only '{head}' here, not '{word}' (a + or - after a plain word stops at "
+                      f"'{word[cut]}'); to weight all of it {fix}", i)
+        if len(set(run)) > 1:
+            self.fail(f"mixed weight operators '{run}': use only + or only -", i)
         self.last = "weighted"
         return j
 
@@ -285,7 +346,7 @@ def check(prompt: str, *, input_name: str = "positive", required: bool = True):
     text = "" if prompt is None else str(prompt)
     if not text.strip():
         if required:
-            raise PromptSyntaxError(f"the {input_name} prompt is empty; write what the image should show",
+            raise PromptSyntaxError(f"the {_what(input_name)} is empty; write what the image should show",
                                     text, None, input_name=input_name)
         return _parse("")
     checker = _Checker(text, input_name)
@@ -312,15 +373,70 @@ def check(prompt: str, *, input_name: str = "positive", required: bool = True):
         if not ok:
             checker.fail(f"compel could not read the parts of .{name}(); put each part in quotes and none empty, "
                          f'e.g. ("a red car", "a blue car").{name}(1, 0.5)', dot)
+    _judge(checker, conj)
     if conj.lora_weights:  # backstops: the checker refuses both with a position before compel sees them
         checker.fail("withLora()/useLora() in the prompt is not applied by TuneLab", 0)
     if any(getattr(p, "wants_cross_attention_control", False) for p in conj.prompts):
         checker.fail(".swap() is not supported", 0)
     if not any(_words(p) for p in conj.prompts):
         if required:
-            checker.fail(f"the {input_name} prompt has no words, only syntax", None)
-        checker.fail(f"the {input_name} prompt has no words, only syntax; leave it empty instead", None)
+            checker.fail(f"the {_what(input_name)} has no words, only syntax", None)
+        checker.fail(f"the {_what(input_name)} has no words, only syntax; leave it empty instead", None)
     return conj
+
+
+def _fragments(conj) -> list:
+    from compel.prompt_parser import Blend
+
+    out = []
+    for p in conj.prompts:
+        for q in (p.prompts if isinstance(p, Blend) else [p]):
+            out += [f.text for f in getattr(q, "children", []) if isinstance(getattr(f, "text", None), str)]
+    return out
+
+
+def _find(text: str, chunk: str) -> int:
+    pos = text.find(chunk)
+    return pos if pos >= 0 else 0
+
+
+def _judge(checker: _Checker, conj) -> None:
+    """compel's own reading as the judge: syntax it kept as plain text (parentheses, a weight) is refused, with how
+    to write what was meant. The checker's rules catch the known spellings first, with a better message."""
+    text = checker.text
+    escaped = text.count("\\(") + text.count("\\)")
+    for frag in _fragments(conj):
+        parens = frag.count("(") + frag.count(")")
+        if parens > escaped:
+            chunk = next(t for t in frag.split() if "(" in t or ")" in t)
+            checker.fail(f"compel reads the parentheses in '{chunk}' as plain text, not as a group (a '(' glued to "
+                         "a word, or a group holding '=', is not syntax); put a space before the '(' and keep "
+                         "'=' out of groups, or escape literal parentheses as \\( \\)",
+                         _find(text, chunk) + max(0, min(k for k in (chunk.find("("), chunk.find(")")) if k >= 0)))
+        escaped -= min(escaped, parens)
+        m = _LITERAL_WEIGHT.search(frag)
+        if m:
+            chunk = next((t for t in frag.split() if m.group(1) in t), m.group(1))
+            checker.fail(f"compel reads '{chunk}' as plain text, not as a weight; a weight follows a plain word or a "
+                         f"(group) directly and ends at a space, a comma or the end, e.g. (words){m.group(1)}",
+                         _find(text, chunk))
+
+
+def _what(input_name: str) -> str:
+    """'positive' -> 'positive prompt'; names that say what they are ('prompt', 'instruction') stay as they are."""
+    return input_name if ("prompt" in input_name or "instruction" in input_name) else f"{input_name} prompt"
+
+
+def check_prompts(positive, negatives=(), *, positive_name: str = "positive", negative_name: str = "negative",
+                  required: bool = True) -> list:
+    """Check a positive prompt and its negative(s) together, before any work: a bad negative is refused before
+    anything is generated, not after the first image. Returns the parses, positive first."""
+    if isinstance(negatives, str) or negatives is None:
+        negatives = [negatives or ""]
+    out = [check(positive, input_name=positive_name, required=required)]
+    for neg in dict.fromkeys("" if n is None else str(n) for n in negatives):
+        out.append(check(neg, input_name=negative_name, required=False))
+    return out
 
 
 def _words(p) -> str:
@@ -371,6 +487,39 @@ class TextEncoders:
     encode: Callable
     order: tuple
     pooled_key: Optional[str] = None
+
+
+_LONG_PROMPT_KEY = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+class _DropLongPromptWarning:
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("Token indices sequence length is longer")
+
+
+@contextlib.contextmanager
+def quiet_long_prompt_warning(pipe):
+    """transformers warns "Token indices sequence length is longer than the specified maximum" when compel
+    tokenizes a long prompt whole before chunking it; TuneLab never truncates (77-token chunks), so the warning is
+    false here. Dropped for our own tokenizer calls only: the filter lives for this block, and each tokenizer's
+    warn-once flag is put back afterwards, so a later call elsewhere still warns."""
+    import logging
+
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
+                  if isinstance(getattr(t, "deprecation_warnings", None), dict)]
+    flags = [(t, t.deprecation_warnings.get(_LONG_PROMPT_KEY)) for t in tokenizers]
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    quiet = _DropLongPromptWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+        for tok, flag in flags:
+            if flag is None:
+                tok.deprecation_warnings.pop(_LONG_PROMPT_KEY, None)
+            else:
+                tok.deprecation_warnings[_LONG_PROMPT_KEY] = flag
 
 
 def _pooled_parts(text: str, conj, pooled_from: str) -> list[tuple[str, float]]:
@@ -567,7 +716,8 @@ def encode(handle, prompt: str, negative: str = "", batch: int = 1, *, pooled_fr
 
     lora.activate(handle)
     encoders = _encoders_for(handle)
-    embeds, neg_embeds, pooled, neg_pooled = encode_with(encoders, prompt, negative, pooled_from=pooled_from)
+    with quiet_long_prompt_warning(handle.pipe):
+        embeds, neg_embeds, pooled, neg_pooled = encode_with(encoders, prompt, negative, pooled_from=pooled_from)
     te = encoders.encode.components[encoders.order[-1]][1]
     embeds, neg_embeds = embeds.to(te.device, te.dtype), neg_embeds.to(te.device, te.dtype)
     if pooled is not None:

@@ -7,6 +7,8 @@
 - transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..." for the image
   processors of pipeline parts TuneLab never runs (the safety checker's feature extractor, IP-Adapter image
   encoders); any other processor still warns.
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" at import (peft imports it when it is
+  installed): a 4-bit CPU kernel TuneLab never uses (8-bit AdamW does not touch it).
 
 `install()` attaches the log filters (idempotent, cheap, imports nothing heavy); `core/__init__` calls it, so the
 filters are in place before diffusers or transformers import their pipelines.
@@ -39,7 +41,12 @@ def _unused_torchvision_processor(msg: str) -> bool:
         msg.startswith(f"`{name}` requires torchvision") for name in UNUSED_IMAGE_PROCESSORS)
 
 
+def _unused_4bit_cpu_kernel(msg: str) -> bool:
+    return msg.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
 FILTERS = {
+    "bitsandbytes.backends.cpu.ops": ("tunelab-unused-4bit-cpu-kernel", _unused_4bit_cpu_kernel),
     "diffusers.models.modeling_utils": ("tunelab-empty-fp32-list", _empty_fp32_list),
     "transformers.utils.import_utils": ("tunelab-unused-torchvision-processor", _unused_torchvision_processor),
 }

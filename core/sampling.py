@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Optional
 
 from . import lora, progress as progress_mod
+from .checks import check_choice, check_number, check_seed
 from .conditioning import Conditioning
 from .errors import TuneLabError
 from .models import PipeHandle
@@ -24,6 +25,7 @@ from .models import PipeHandle
 MAX_STEPS = 1000
 MAX_SIDE = 8192
 MAX_BATCH = 64
+MAX_GUIDANCE = 100.0
 
 # name -> (diffusers scheduler class, config overrides). "default" keeps the pipeline's own.
 SCHEDULERS = {
@@ -50,14 +52,39 @@ def check_size(width: int, height: int) -> None:
                                input_name=name)
 
 
-def check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise TuneLabError(f"{steps} is out of range; use 1..{MAX_STEPS}", input_name="steps")
+def check_steps(steps: int, input_name: str = "steps") -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise TuneLabError(f"{steps!r} is out of range; use a whole number from 1 to {MAX_STEPS}",
+                           input_name=input_name)
+
+
+def check_guidance(value, input_name: str = "guidance", hi: float = MAX_GUIDANCE) -> float:
+    """A guidance scale: a finite number from 0 to `hi` (NaN or infinity would make every pixel NaN)."""
+    return check_number(value, input_name, 0.0, hi)
+
+
+def check_high_noise_frac(value, input_name: str = "high_noise_frac") -> float:
+    return check_number(value, input_name, 0.0, 1.0, lo_open=True, hi_open=True,
+                        hint="the fraction of denoising the base does before the refiner; the seed uses 0.8")
+
+
+def check_scheduler(name) -> str:
+    return check_choice(name, SCHEDULERS, "scheduler", "scheduler")
+
+
+def check_generation(*, seed, steps, guidance, width, height, scheduler="default", high_noise_frac=None) -> None:
+    """Every sampling setting of one text-to-image run, before anything loads or runs."""
+    check_seed(seed)
+    check_steps(steps)
+    check_guidance(guidance)
+    check_size(width, height)
+    check_scheduler(scheduler)
+    if high_noise_frac is not None:
+        check_high_noise_frac(high_noise_frac)
 
 
 def make_scheduler(handle: PipeHandle, name: str):
-    if name not in SCHEDULERS:
-        raise TuneLabError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}", input_name="scheduler")
+    check_scheduler(name)
     cls_name, overrides = SCHEDULERS[name]
     if cls_name is None:
         return handle.pipe.scheduler
@@ -69,7 +96,8 @@ def make_scheduler(handle: PipeHandle, name: str):
 def generator(seed: int):
     import torch
 
-    return torch.Generator("cpu").manual_seed(int(seed) % (1 << 64))
+    # refused, not wrapped: a seed outside 0..2^64-1 would run as another seed than the one recorded
+    return torch.Generator("cpu").manual_seed(check_seed(seed))
 
 
 def to_image_tensor(images):
@@ -226,8 +254,8 @@ def generate(handle: PipeHandle, cond: Conditioning, *, seed: int, steps: int = 
     if cond.family != handle.family:
         raise TuneLabError(f"the conditioning was encoded for a {cond.family} model but the pipe is {handle.family}; "
                            "encode the prompt with the same pipe", input_name="conditioning")
-    check_size(width, height)
-    check_steps(steps)
+    check_generation(seed=seed, steps=steps, guidance=guidance, width=width, height=height, scheduler=scheduler,
+                     high_noise_frac=high_noise_frac if refiner is not None else None)
     if negative_handle is not None and negative_handle.pipe is not handle.pipe:
         raise TuneLabError("the negative-branch pipe must be the same loaded model as the positive one (a LoRA "
                            "applied to it); load the LoRA on this pipe", input_name="negative_pipe")
@@ -236,8 +264,6 @@ def generate(handle: PipeHandle, cond: Conditioning, *, seed: int, steps: int = 
     if refiner is not None:
         if refiner.family != "sdxl-refiner":
             raise TuneLabError(f"the refiner must be an SDXL refiner; got {refiner.architecture}", input_name="refiner")
-        if not 0.0 < high_noise_frac < 1.0:
-            raise TuneLabError(f"{high_noise_frac} must be between 0 and 1 (exclusive)", input_name="high_noise_frac")
         if refiner_negative_handle is not None and refiner_negative_handle.pipe is not refiner.pipe:
             raise TuneLabError("the refiner's negative-branch pipe must be the refiner itself with a LoRA",
                                input_name="refiner")

@@ -279,12 +279,26 @@ def _visible_entries(folder: Path) -> list:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def _prepare(folder: Path, doc: dict, input_name: str) -> None:
-    """Refuse a foreign folder or a different plan; write plan.json for a new dataset. Nothing is written before
-    the checks pass."""
+def check_folder(folder, input_name: str = "out") -> Optional[dict]:
+    """A folder a synthesis run may write: new, empty, or a TuneLab dataset (its plan, returned). A file, a foreign
+    folder or an unreadable plan.json is refused; this needs no model, so callers run it before loading one."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise TuneLabError(f"{folder} is a file; give a folder for the dataset", input_name=input_name)
     old = read_plan(folder, input_name) if folder.is_dir() else None
+    if old is None and folder.is_dir():
+        foreign = _visible_entries(folder)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise TuneLabError(f"{folder} is not empty ({shown}) and has no {PLAN_FILE}, so it is not a TuneLab "
+                               "dataset; use an empty or new folder", input_name=input_name)
+    return old
+
+
+def _prepare(folder: Path, doc: dict, input_name: str) -> None:
+    """Refuse a foreign folder or a different plan; write plan.json for a new dataset. Nothing is written before
+    the checks pass."""
+    old = check_folder(folder, input_name)
     if old is not None:
         if old.get("fingerprint") != doc["fingerprint"]:
             before, now = old.get("settings") or {}, doc["settings"]
@@ -294,12 +308,6 @@ def _prepare(folder: Path, doc: dict, input_name: str) -> None:
                 "is never mixed from two plans: use another folder, or rerun with the settings in its plan.json",
                 input_name=input_name)
         return
-    if folder.is_dir():
-        foreign = _visible_entries(folder)
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise TuneLabError(f"{folder} is not empty ({shown}) and has no {PLAN_FILE}, so it is not a TuneLab "
-                               "dataset; use an empty or new folder", input_name=input_name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -538,11 +546,12 @@ def run(folder, handle, plan: Plan, *, steps: int, width: int, height: int, refi
     the module docstring. Every check that can fail runs before anything is written."""
     from . import images as images_mod
     from .prompt import encode
-    from .sampling import check_size, check_steps, generate, progress_total
+    from .sampling import check_high_noise_frac, check_scheduler, check_size, check_steps, generate, progress_total
 
     folder = Path(folder)
     check_size(width, height)
     check_steps(steps)
+    check_scheduler(scheduler)
     shard = parse_shard(shard)
     if not isinstance(instance_prompt, str) or not instance_prompt.strip():
         raise TuneLabError("the instance prompt is empty; the trainer needs one (the seed uses 'wrong')",
@@ -553,8 +562,8 @@ def run(folder, handle, plan: Plan, *, steps: int, width: int, height: int, refi
                            input_name="pipe")
     if refiner is not None and refiner.family != "sdxl-refiner":
         raise TuneLabError(f"the refiner must be an SDXL refiner; got {refiner.architecture}", input_name="refiner")
-    if refiner is not None and not 0.0 < high_noise_frac < 1.0:
-        raise TuneLabError(f"{high_noise_frac} must be between 0 and 1 (exclusive)", input_name="high_noise_frac")
+    if refiner is not None:
+        check_high_noise_frac(high_noise_frac)
     settings = job_settings(plan, handle, refiner=refiner, steps=steps, width=width, height=height,
                             high_noise_frac=high_noise_frac, scheduler=scheduler, instance_prompt=instance_prompt)
     doc = plan_document(plan, settings)

@@ -12,8 +12,13 @@ def category(sub: str) -> str:
     return f"{CATEGORY}/{sub}"
 
 
-def seed_input(tooltip: str = "Random seed; the same seed gives the same pixels.", default: int = 42):
-    return ("INT", {"default": default, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": tooltip})
+def seed_input(tooltip: str = "Random seed; the same seed gives the same pixels.", default: int = 42,
+               maximum: int | None = None):
+    """A seed widget over the range the generator takes as it is (core.checks.SEED_MAX; trainers TRAIN_SEED_MAX)."""
+    from ..core.checks import SEED_MAX
+
+    return ("INT", {"default": default, "min": 0, "max": SEED_MAX if maximum is None else maximum,
+                    "tooltip": tooltip})
 
 
 def size_input(name: str, default: int = 1024):
@@ -29,13 +34,14 @@ def dataset_folder(text: str, input_name: str, *, marker: str | None = None):
     from pathlib import Path
 
     from .. import host
+    from ..core.checks import check_text
     from ..core.errors import TuneLabError
     from ..core.files import confined_path
 
     if not isinstance(text, str) or not text.strip():
         raise TuneLabError("no dataset folder given; wire a dataset node's path here or type a folder name under "
                            "the output directory", input_name=input_name)
-    text = text.strip()
+    text = check_text(text, input_name, what="dataset folder").strip()
     roots = [host.output_dir(), host.input_dir()]
     if os.path.isabs(text):
         real = Path(os.path.realpath(text))
@@ -44,7 +50,8 @@ def dataset_folder(text: str, input_name: str, *, marker: str | None = None):
                                input_name=input_name)
         candidates = [real]
     else:
-        candidates = [confined_path(root, text, input_name) for root in roots]
+        candidates = [confined_path(root, text, input_name, root_label=label)
+                      for root, label in zip(roots, ("ComfyUI's output folder", "ComfyUI's input folder"))]
     for path in candidates:
         if path.is_dir() and (marker is None or (path / marker).is_file()):
             return path
@@ -60,7 +67,8 @@ def run_folder(output_name: str):
     from ..core.files import confined_path
 
     name = (output_name or "").strip().rstrip("/")
-    return confined_path(host.output_dir(), f"{name}/{timestamp()}" if name else "", "output_name")
+    return confined_path(host.output_dir(), f"{name}/{timestamp()}" if name else "", "output_name",
+                         root_label="ComfyUI's output folder")
 
 
 def output_images(paths) -> list:

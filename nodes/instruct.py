@@ -123,8 +123,8 @@ class InstructionDataset:
     def build(self, mode, source, target, instruction_set, instructions, columns, column_mapping, degradations, seed,
               resolution, limit, val_fraction, output_name):
         in_root, out_root = host.input_dir(), host.output_dir()
-        out = confined_path(out_root, output_name, "output_name")
-        src = confined_path(in_root, source, "source")
+        out = confined_path(out_root, output_name, "output_name", root_label="ComfyUI's output folder")
+        src = confined_path(in_root, source, "source", root_label="ComfyUI's input folder")
         common = dict(seed=seed, resolution=resolution, limit=limit, val_fraction=val_fraction,
                       progress=host.progress_factory())
         if mode == "folders":
@@ -133,8 +133,8 @@ class InstructionDataset:
             chosen = None if instruction_set == SYNONYMS else instructions
             if instruction_set == CUSTOM:
                 instruct_data.instruction_list(instructions, "instructions")
-            result = instruct_data.from_folders(src, confined_path(in_root, target, "target"), out,
-                                                instructions=chosen, **common)
+            tgt = confined_path(in_root, target, "target", root_label="ComfyUI's input folder")
+            result = instruct_data.from_folders(src, tgt, out, instructions=chosen, **common)
         elif mode == "table":
             result = instruct_data.from_table(src, out, columns=column_mapping.strip() or columns, **common)
         elif mode == "synthesize":

@@ -30,6 +30,12 @@ class LoadPipeline:
         }}
 
     def load(self, model, vae="none", dtype="auto", device="auto"):
+        from ..core.checks import check_choice
+
+        # names from the lists only: the strings reach the server through POST /prompt
+        check_choice(model, host.model_choices(), "model", "model")
+        if vae not in (None, "", "none"):
+            check_choice(vae, host.filename_list("vae"), "vae", "VAE")
         dev, dt = host.runtime(device, dtype)
         host.free_comfy_models()
         vae_path = None if vae in (None, "", "none") else host.resolve_file("vae", vae)

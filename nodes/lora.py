@@ -16,6 +16,9 @@ def lora_choices() -> list[str]:
 
 
 def resolve_lora(name: str) -> Path:
+    from ..core.checks import check_choice
+
+    check_choice(name, lora_choices(), "lora_name", "LoRA")  # a listed name only: it comes through POST /prompt
     if name == BUILTIN_TINY_LORA:
         return tiny.wrong_lora()
     return Path(host.resolve_file("loras", name))

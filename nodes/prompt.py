@@ -8,8 +8,10 @@ from .common import COND, PIPE, category
 EXAMPLE_PROMPT = ("hyperrealistic death metal album cover featuring edgy moody realistic (human Super Mario)++, "
                   "edgy and moody")
 SYNTAX_HELP = ("compel syntax: word+ / word- (x1.1 / x0.9 per sign), (several words)++, (words)1.3, nesting "
-               "multiplies, (\"a\", \"b\").blend(1, 0.5), (\"a\", \"b\").and(), escape literal characters as \\( \\) "
-               "\\\" \\+ \\-. A1111's (word:1.2) and .swap() are refused with an error.")
+               "multiplies, (\"a\", \"b\").blend(1, 0.5), (\"a\", \"b\").and(), literal parentheses and quotes as "
+               "\\( \\) \\\". A1111's (word:1.2), .swap() and spellings compel would read as plain text "
+               "(sunset+!, f/1.8+) are refused with how to write them. The SDXL pooled vector sees the first 77 "
+               "tokens.")
 
 
 class WeightedPrompt:

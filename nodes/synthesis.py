@@ -10,7 +10,7 @@ MAX_PREVIEW = 64
 
 
 def _dataset_dir(dataset_name: str):
-    return confined_path(host.output_dir(), dataset_name, "dataset_name")
+    return confined_path(host.output_dir(), dataset_name, "dataset_name", root_label="ComfyUI's output folder")
 
 
 class WrongImageSynthesis:
@@ -68,6 +68,7 @@ class WrongImageSynthesis:
         plan = synthesis.build_plan(keywords, boost=boost, template=template, subjects=subjects, guidance=guidance,
                                     per_entry=per_entry, seed=seed)
         folder = _dataset_dir(dataset_name)
+        synthesis.check_folder(folder, "dataset_name")
         report = synthesis.run(folder, pipe, plan, steps=steps, width=width, height=height, refiner=refiner,
                                instance_prompt=instance_prompt, progress=host.progress_factory(),
                                input_name="dataset_name")

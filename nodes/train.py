@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import host
+from ..core.checks import TRAIN_SEED_MAX
 from ..core.errors import TuneLabError
 from ..core.files import confined_path
 from .common import PIPE, category, dataset_folder, output_images, seed_input
@@ -21,7 +22,7 @@ def lora_target(lora_name: str) -> tuple:
         name = name[: -len(".safetensors")]
     if not name.strip(" /\\."):
         raise TuneLabError("give the LoRA a file name, e.g. tunelab/wrong_lora", input_name="lora_name")
-    path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "lora_name")
+    path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "lora_name", root_label="models/loras")
     rel = Path(name.replace("\\", "/")).as_posix()
     run_dir = confined_path(host.output_dir(), f"tunelab/train/{rel}", "lora_name")
     return path, rel + ".safetensors", run_dir
@@ -104,7 +105,7 @@ class TrainLora:
                                                     "Micro-batches per optimizer step."
                                                     + _from(t, "gradient_accumulation_steps")}),
             "seed": seed_input("Seed of the LoRA init, data order, noise and timesteps." + _from(t, "seed"),
-                               default=0),
+                               default=0, maximum=TRAIN_SEED_MAX),
             "resume": (["none", "latest"], {"default": "none", "tooltip":
                        "latest: continue from the newest complete checkpoint of this lora_name (refused if there "
                        "is none or it was made with other settings)."}),
@@ -250,10 +251,11 @@ def ip2p_target(mode: str, output_name: str) -> tuple:
     if not name.strip(" /."):
         raise TuneLabError("give the output a name, e.g. tunelab/ip2p_cartoon", input_name="output_name")
     if mode == "lora":
-        path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "output_name")
+        path = confined_path(host.model_dirs("loras")[0], name + ".safetensors", "output_name",
+                             root_label="models/loras")
         listed = Path(name).as_posix() + ".safetensors"
     else:
-        path = confined_path(host.model_dirs("diffusers")[0], name, "output_name")
+        path = confined_path(host.model_dirs("diffusers")[0], name, "output_name", root_label="models/diffusers")
         listed = Path(name).as_posix()
     run_dir = confined_path(host.output_dir(), f"tunelab/train_ip2p/{Path(name).as_posix()}", "output_name")
     return path, listed, run_dir
@@ -320,7 +322,7 @@ class TrainInstructPix2Pix:
                                     "EMAModel); holds a second copy of the trained weights."
                                     + _from(t, "use_ema")),
             "seed": seed_input("Seed of the data order, flips, noise, timesteps and dropout." + _from(t, "seed"),
-                               default=42),
+                               default=42, maximum=TRAIN_SEED_MAX),
             "resume": (["none", "latest"], {"default": "none", "tooltip":
                        "latest: continue from the newest complete checkpoint of this output_name (refused if there "
                        "is none or it was made with other settings)."}),

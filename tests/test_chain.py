@@ -86,5 +86,6 @@ def test_model_specs():
                      ModelSpec("mine", "tiny-ip2p", (("/loras/c.safetensors", 1.0),))]
     assert model_specs(None, ["l.safetensors:2"]) == [ModelSpec("", "tiny-ip2p"),
                                                       ModelSpec("", "tiny-ip2p", (("l.safetensors", 2.0),))]
-    with pytest.raises(TuneLabError, match="--model"):
+    with pytest.raises(TuneLabError, match="names no model") as e:
         model_specs(["t=+a.safetensors"], [])
+    assert e.value.input_name == "model"

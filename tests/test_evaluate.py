@@ -278,7 +278,7 @@ def test_evaluate_cli_refuses_before_loading(tmp_path, capsys, monkeypatch):
     for extra, text in ((["--states", "base,nope"], "unknown state"), (["--seeds", "1", "1"], "twice"),
                         (["--size", "60", "64"], "multiple of 8"), (["--prompts", "missing.txt"], "cannot read"),
                         (["--resamples", "3"], "resamples"),
-                        (["--model", "real.safetensors", "--lora", "x.safetensors"], "models/scorers")):
+                        (["--model", "real.safetensors", "--lora", "x.safetensors"], "--model")):
         out = tmp_path / "never"
         assert main(["evaluate", "--out", str(out), *extra]) == 2, extra
         assert text in capsys.readouterr().err, extra

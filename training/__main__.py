@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..cli import run_command
+from ..cli import attach_flags, run_command
 
 TRAINERS = {"lora": ("..cli.train_lora", "Dreambooth LoRA for SDXL (optional pivotal tuning)"),
             "ip2p": ("..cli.train_ip2p", "InstructPix2Pix fine-tuning, full or LoRA (one process only)")}
@@ -24,7 +24,9 @@ def main(argv=None) -> int:
     for name, (mod_name, help_text) in TRAINERS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=mod_name)
-        importlib.import_module(mod_name, __package__).add_arguments(p)
+        module = importlib.import_module(mod_name, __package__)
+        module.add_arguments(p)
+        attach_flags(p, getattr(module, "INPUT_FLAGS", {}))
     args = parser.parse_args(argv)
     return run_command(importlib.import_module(args._module, __package__).run, args)
 

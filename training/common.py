@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..core import adapters, progress as progress_mod
-from ..core.errors import Interrupted, TuneLabError
+from ..core.errors import Interrupted, TuneLabError, ref, render_refs
 from ..core.files import check_safetensors, write_text_atomic
 
 log = logging.getLogger("tunelab")
@@ -559,8 +559,8 @@ def find_checkpoint(folder, resume) -> Path:
                 if folder.is_dir() else []
             why = (f"; {', '.join(partial)} {'is' if len(partial) == 1 else 'are'} incomplete (no {MARKER} marker: "
                    "the save was cut short)") if partial else ""
-            raise TuneLabError(f"resume=latest, but {folder} holds no complete checkpoint{why}. Start without "
-                               "resume, or give the path of a checkpoint", input_name="resume")
+            raise TuneLabError(f"{folder} holds no complete checkpoint{why}. Start without {ref('resume')}, or give "
+                               "the path of a checkpoint", input_name="resume", value="latest")
         return found[-1][1]
     path = Path(resume).expanduser()
     if not path.exists():
@@ -725,8 +725,8 @@ class Control:
 
     def interrupted(self, step: int, checkpoint) -> None:
         """Raise after the checkpoint at `step` was saved (ComfyUI's own interrupt inside ComfyUI)."""
-        where = f"; checkpoint saved at {checkpoint}, resume with resume=latest" if checkpoint else ""
-        log.warning("TuneLab: training interrupted at step %d%s", step, where)
+        where = f"; checkpoint saved at {checkpoint}, resume with {ref('resume')} latest" if checkpoint else ""
+        log.warning("TuneLab: training interrupted at step %d%s", step, render_refs(where))
         self._raise_interrupted(f"training interrupted at step {step}{where}")
 
     def _raise_interrupted(self, message: str) -> None:

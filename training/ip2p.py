@@ -46,7 +46,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.errors import TuneLabError
+from ..core.checks import TRAIN_SEED_MAX, check_seed
+from ..core.errors import TuneLabError, ref
 from ..core.files import write_text_atomic
 from . import common
 
@@ -245,6 +246,15 @@ def check_config(c: Ip2pTrainConfig) -> None:
     if c.checkpoints_total_limit is not None:
         _check_int(c.checkpoints_total_limit, "checkpoints_total_limit", 1, 10_000)
     _check_int(c.max_nonfinite, "max_nonfinite", 1, 10_000)
+    check_seed(c.seed, hi=TRAIN_SEED_MAX)
+    if c.resume not in (None, "", "none"):  # a missing checkpoint is refused before the data is read
+        common.find_checkpoint(_run_dir(c) / "checkpoints", c.resume)
+
+
+def _run_dir(c: Ip2pTrainConfig) -> Path:
+    output = Path(c.output).expanduser().resolve()
+    default_run = output.with_name((output.stem if c.mode == "lora" else output.name) + "_run")
+    return Path(c.run_dir).expanduser().resolve() if c.run_dir else default_run
 
 
 # what a checkpoint must agree on to resume (run length and outputs may change; the LR schedule needs the length)
@@ -295,8 +305,7 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
     c = config
     check_config(c)
     output = Path(c.output).expanduser().resolve()
-    default_run = output.with_name((output.stem if c.mode == "lora" else output.name) + "_run")
-    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else default_run
+    run_dir = _run_dir(c)
     ckpt_dir = run_dir / "checkpoints"
 
     # -- data first: a bad dataset is refused before any model loads
@@ -337,8 +346,8 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
     if c.mode == "lora" and int(handle.pipe.unet.config.in_channels) != 8:
         raise TuneLabError(f"LoRA mode needs an InstructPix2Pix model (8-channel UNet); {handle.architecture} has a "
                            f"{handle.pipe.unet.config.in_channels}-channel UNet whose widened conv_in must be trained "
-                           "in full, which a LoRA cannot hold. Use mode=full from SD1.x, or start the LoRA from an "
-                           "InstructPix2Pix model", input_name="mode")
+                           f"in full, which a LoRA cannot hold. Use {ref('mode')} full from SD1.x, or start the LoRA "
+                           "from an InstructPix2Pix model", input_name="mode")
     pipe = handle.pipe
     device = torch.device(handle.device)
     identity = {k: v for k, v in settings_dict(c).items() if k not in _RUN_ONLY}
@@ -354,7 +363,8 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
         ckpt = common.load_checkpoint(common.find_checkpoint(ckpt_dir, c.resume), config=identity, base=base_id)
         if ckpt.step >= max_steps:
             raise TuneLabError(f"the checkpoint {ckpt.path} is at step {ckpt.step}, already at or past "
-                               f"max_train_steps={max_steps}", input_name="max_train_steps")
+                               f"{ref('max_train_steps')} {max_steps}; raise it to train on",
+                               input_name="max_train_steps")
 
     # -- components: a private UNet copy (trained, fp32), the shared VAE and text encoder (frozen)
     from diffusers import DDPMScheduler
@@ -448,7 +458,8 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
         def batch(ms: int):
             epoch, b = divmod(ms, batches_per_epoch)
             order = torch.randperm(len(pairs),
-                                   generator=torch.Generator().manual_seed(int(c.seed) * 1_000_003 + epoch))
+                                   generator=torch.Generator().manual_seed((int(c.seed) * 1_000_003 + epoch)
+                                                                           % (1 << 63)))
             idx = order[b * c.train_batch_size:(b + 1) * c.train_batch_size].tolist()
             originals, edited, embeds = [], [], []
             for i in idx:

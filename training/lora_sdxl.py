@@ -33,7 +33,8 @@ from typing import Any, Optional
 
 from ..core import images as images_mod
 from ..core.adapters import DORA_SCALE_BASE_NORM
-from ..core.errors import TuneLabError
+from ..core.checks import TRAIN_SEED_MAX, check_seed
+from ..core.errors import TuneLabError, ref
 from . import common
 
 log = logging.getLogger("tunelab")
@@ -288,6 +289,7 @@ def check_config(c: LoraTrainConfig) -> None:
     if c.checkpoints_total_limit is not None:
         _check_int(c.checkpoints_total_limit, "checkpoints_total_limit", 1, 10_000)
     _check_int(c.max_nonfinite, "max_nonfinite", 1, 10_000)
+    check_seed(c.seed, hi=TRAIN_SEED_MAX)
     _check_int(c.validation_steps, "validation_steps", 0, MAX_STEPS)
     _check_int(c.num_validation_images, "num_validation_images", 1, 16)
     _check_int(c.validation_inference_steps, "validation_inference_steps", 1, 1000)
@@ -316,8 +318,13 @@ def check_config(c: LoraTrainConfig) -> None:
     if c.prodigy_beta3 is not None:
         _check_float(c.prodigy_beta3, "prodigy_beta3", 0.0, 1.0)
     _check_float(c.prodigy_d_coef, "prodigy_d_coef", 0.0, 1000.0)
-    if c.resume not in (None, "", "none", "latest") and not Path(str(c.resume)).expanduser().exists():
-        raise TuneLabError(f"checkpoint not found: {c.resume}", input_name="resume")
+    if c.resume not in (None, "", "none"):  # a missing checkpoint is refused before the data is read
+        common.find_checkpoint(_run_dir(c) / "checkpoints", c.resume)
+
+
+def _run_dir(c: LoraTrainConfig) -> Path:
+    output = Path(c.output).expanduser().resolve()
+    return Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.stem + "_run")
 
 
 def validation_prompts(c) -> list:
@@ -731,7 +738,7 @@ def _open_checkpoint(c: LoraTrainConfig, ckpt_dir: Path, identity: dict, base_id
     ckpt = common.load_checkpoint(common.find_checkpoint(ckpt_dir, c.resume), config=identity, base=base_id)
     if ckpt.step >= max_steps:
         raise TuneLabError(f"the checkpoint {ckpt.path} is at step {ckpt.step}, already at or past "
-                           f"max_train_steps={max_steps}; raise max_train_steps to train further",
+                           f"{ref('max_train_steps')} {max_steps}; raise it to train further",
                            input_name="max_train_steps")
     return ckpt
 
@@ -1312,7 +1319,7 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
     c = config
     check_config(c)
     output = Path(c.output).expanduser().resolve()
-    run_dir = Path(c.run_dir).expanduser().resolve() if c.run_dir else output.with_name(output.stem + "_run")
+    run_dir = _run_dir(c)
     ckpt_dir = run_dir / "checkpoints"
 
     data = _prepare_data(c)
