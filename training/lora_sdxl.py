@@ -598,6 +598,9 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: [t.remove() for t in new_tokens])
         stack.enter_context(common.preserved(unet, vae, *text_encoders))
+        # the shared pipe's resting state: nothing runs until activate() picks a handle's stack. Before `preserved`
+        # restores requires_grad, since peft < 0.18 also clears it on disabling.
+        stack.callback(lambda: pipe.disable_lora() if lora_mod.loaded_adapters(pipe) else None)
         unet.requires_grad_(False)
         vae.requires_grad_(False)
         for te in text_encoders:
@@ -914,8 +917,6 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
                 validation = run_validation(step)
         accelerator.wait_for_everyone()
         nonfinite_total = ctl.nonfinite_total
-    if lora_mod.loaded_adapters(pipe):  # the shared pipe's resting state: nothing runs until activate() picks
-        pipe.disable_lora()
 
     curve_path, curve = run_dir / "loss_curve.png", None
     if is_main:
