@@ -1,9 +1,10 @@
 """peft adapters on a pipe's models, with peft itself for the text encoders.
 
-transformers' PEFT integration (`PreTrainedModel.add_adapter` / `load_adapter` / `set_adapter` / `delete_adapter`)
-refuses every peft release below its own minimum (transformers 5.24 wants peft 0.22, newer than the registry has),
-and diffusers loads text-encoder LoRAs through that same `load_adapter`. So text-encoder adapters are injected,
-filled, switched and removed here with peft's functions, whatever transformers says. The bookkeeping diffusers'
+transformers' PEFT integration refuses peft releases below its own minimum: in transformers 5.24 `add_adapter`,
+`set_adapter`, `enable/disable_adapters`, `active_adapters` and `delete_adapter` raise "please use a version >=
+0.22.0" (newer than any peft the registry has), and which methods carry that gate changes between releases (diffusers
+loads text-encoder LoRAs through transformers' `load_adapter`). So text-encoder adapters are injected, filled,
+switched and removed here with peft's functions, whatever transformers says. The bookkeeping diffusers'
 pipeline helpers read (`peft_config`, `_hf_peft_config_loaded`) is kept, so `get_list_adapters`, `set_adapters`,
 `enable_lora` / `disable_lora` and `delete_adapters` keep working on every component. UNets stay on diffusers'
 own adapter methods. Used by the LoRA loader (`lora.py`) and both trainers (`training/common.py`).

@@ -1,7 +1,9 @@
 """LoRA files and the adapter stack on a shared pipeline.
 
 Reads the old diffusers attention-processor format (the published wrong LoRA), diffusers/PEFT and kohya, all
-converted by diffusers' own utilities. Before applying, the file's architecture fingerprint (cross-attention width,
+converted by diffusers' own utilities; text-encoder keys are matched to the installed transformers' module names
+(with or without the `text_model` level). The UNet part loads through diffusers, the text encoders through peft
+(`adapters`). Before applying, the file's architecture fingerprint (cross-attention width,
 text-encoder prefixes) is checked against the pipe, and keys that map onto no module are reported.
 Reading and writing the files themselves is `lora_files`.
 """
@@ -236,7 +238,8 @@ def load(handle: PipeHandle, path, strength: float = 1.0, name: Optional[str] = 
 def _apply(handle: PipeHandle, state_dict: dict, adapter: str, name: str, metadata: Optional[dict] = None) -> None:
     """Load the file's weights into the shared pipe as adapter `adapter`: the UNet part with diffusers'
     `load_lora_into_unet` (what `load_lora_weights` does), each text-encoder part with peft itself (`adapters`),
-    since diffusers' text-encoder path goes through transformers' PEFT gate. All or nothing."""
+    since diffusers' text-encoder path goes through transformers' PEFT integration and its version gate. All or
+    nothing."""
     from diffusers.utils import logging as diffusers_logging
 
     pipe = handle.pipe

@@ -55,6 +55,20 @@ def tiny_sdxl():
     return models.load("tiny-sdxl", device="cpu", dtype="fp32")
 
 
+@pytest.fixture
+def encoders_of():
+    """`encoders_of(handle)`: the diffusers text encoders behind a handle, running that handle's LoRA stack. The
+    session pipes keep the adapters other tests loaded, and only encode/sample activate a stack by themselves."""
+    from tunelab.core import lora
+    from tunelab.core import prompt as tl_prompt
+
+    def of(handle):
+        lora.activate(handle)
+        return tl_prompt._encoders_for(handle)
+
+    return of
+
+
 @pytest.fixture(scope="session")
 def tiny_refiner():
     from tunelab.core import models

@@ -7,7 +7,8 @@ from tunelab.core.errors import TuneLabError
 from tunelab.core.files import safetensors_metadata
 from tunelab.core.prompt import encode
 
-from lora_factory import peft_unet_lora, write_formats
+from lora_factory import (merged_pipe, peft_state_dicts, peft_unet_lora, sdxl_lora, write_formats, write_kohya,
+                          write_peft_style)
 
 KW = dict(steps=5, guidance=13.0, width=64, height=64)
 
@@ -114,3 +115,149 @@ def test_not_a_lora_is_refused(tiny_sdxl, tmp_path):
     save_file({"some.weight": torch.zeros(2, 2)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(TuneLabError):
         lora.load(tiny_sdxl, tmp_path / "w.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SDXL LoRAs with both text encoders: standard files, every format, every supported transformers
+
+RANK, ALPHA = 4, 2.0  # alpha != rank: a scale of 0.5 that every format must keep
+SCALE = ALPHA / RANK
+DIFFUSERS_KW = dict(prompt="a fox", negative_prompt="wrong", num_inference_steps=KW["steps"],
+                    guidance_scale=KW["guidance"], width=KW["width"], height=KW["height"])
+
+
+def _handle(pipe):
+    from tunelab.core import models
+
+    return models.PipeHandle(pipe=pipe, family="sdxl", source="tiny-sdxl", dtype=torch.float32,
+                             device=torch.device("cpu"))
+
+
+def _diffusers_image(path):
+    """diffusers' own loader and pipeline on a fresh pipe; None where diffusers cannot load text-encoder LoRAs under
+    the installed versions because transformers' PEFT integration refuses the installed peft (its version gate)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tunelab.core import tiny
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny.ensure("tiny-sdxl")), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    except ValueError as e:
+        if "version of PEFT" in str(e):
+            return None
+        raise
+    assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
+    out = pipe(**DIFFUSERS_KW, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    return sampling.to_image_tensor(out)
+
+
+@pytest.fixture(scope="module")
+def te_lora(tiny_sdxl, tmp_path_factory):
+    """The same LoRA (UNet + TE1 + TE2 attention, rank 4, alpha 2) in every format TuneLab reads or writes."""
+    folder = tmp_path_factory.mktemp("te_lora")
+    weights = sdxl_lora(tiny_sdxl.pipe, rank=RANK, seed=7)
+    peft = peft_state_dicts(weights)
+    saved = dict(unet=peft["unet"], text_encoder=peft["text_encoder"], text_encoder_2=peft["text_encoder_2"],
+                 rank=RANK, alpha=ALPHA)
+    files = {
+        "standard_kohya": write_kohya(weights, folder / "standard_kohya.safetensors", alpha=ALPHA),
+        "tunelab_kohya": lora.save(folder / "tunelab_kohya.safetensors", **saved),
+        "tunelab_diffusers_copy": lora.save(folder / "tunelab_diffusers.safetensors", fmt="diffusers", **saved),
+        "peft": write_peft_style(weights, folder / "peft.safetensors", scale=SCALE),
+        "peft_without_text_model": write_peft_style(weights, folder / "peft_flat.safetensors", scale=SCALE,
+                                                    text_model=False),
+        "diffusers": write_peft_style(weights, folder / "diffusers.safetensors", scale=SCALE, diffusers_names=True),
+        "diffusers_without_text_model": write_peft_style(weights, folder / "diffusers_flat.safetensors",
+                                                         scale=SCALE, text_model=False, diffusers_names=True),
+    }
+    return {"weights": weights, "files": files}
+
+
+def test_standard_kohya_sdxl_file_equals_merged_weights_and_diffusers(tiny_sdxl, te_lora):
+    """A standard kohya SDXL file (lora_unet_* + lora_te1_text_model_* + lora_te2_text_model_*) loads under the
+    installed transformers (4.x names CLIP modules text_model.*, 5.x drops that level in CLIPTextModel) and gives
+    the image of an independent reference, the LoRA merged into the weights by hand (W + alpha/rank * B @ A), and
+    of diffusers' own load_lora_weights. Where diffusers' loader is refused by transformers' PEFT version gate, the
+    merged reference alone is the comparison."""
+    path = te_lora["files"]["standard_kohya"]
+    sd, _ = lora.read_file(path)
+    total, missing = lora.unmapped_modules(tiny_sdxl, sd)
+    assert missing == [] and total == sum(len(m) for m in te_lora["weights"].values())
+    handle = lora.load(tiny_sdxl, path)
+    assert {"text_encoder", "text_encoder_2", "unet"} <= {
+        comp for comp, names in tiny_sdxl.pipe.get_list_adapters().items() if handle.loras[0].adapter in names}
+    reference = _handle(merged_pipe("tiny-sdxl", te_lora["weights"], scale=SCALE))
+    ours_cond, ref_cond = encode(handle, "a fox", "wrong"), encode(reference, "a fox", "wrong")
+    torch.testing.assert_close(ours_cond.embeds, ref_cond.embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_cond.pooled, ref_cond.pooled, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours_cond.embeds, encode(tiny_sdxl, "a fox", "wrong").embeds, atol=1e-3)
+    ours = image(handle)
+    torch.testing.assert_close(ours, image(reference), atol=1e-4, rtol=0)
+    assert not torch.allclose(ours, image(tiny_sdxl), atol=1e-3)
+    theirs = _diffusers_image(path)
+    if theirs is not None:
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_every_format_with_text_encoders_gives_the_same_image(tiny_sdxl, te_lora):
+    """kohya (standard and TuneLab's), diffusers and PEFT keys, with and without the text_model level."""
+    files = te_lora["files"]
+    ref = image(lora.load(tiny_sdxl, files["standard_kohya"]))
+    for fmt, path in files.items():
+        sd, _ = lora.read_file(path)
+        assert lora.unmapped_modules(tiny_sdxl, sd)[1] == [], fmt
+        torch.testing.assert_close(image(lora.load(tiny_sdxl, path)), ref, atol=1e-5, rtol=0,
+                                   msg=f"{fmt} differs from the standard kohya file")
+
+
+def test_tunelab_kohya_keys_are_standard_whatever_transformers_names_the_modules(te_lora):
+    sd, _ = lora.read_file(te_lora["files"]["tunelab_kohya"])
+    standard, _ = lora.read_file(te_lora["files"]["standard_kohya"])
+    assert sd.keys() == standard.keys()
+    assert all(torch.equal(sd[k], standard[k]) for k in sd)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.") for k in sd)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.") for k in sd)
+
+
+def test_diffusers_copy_carries_alpha(tiny_sdxl, te_lora):
+    """The diffusers copy has no alpha keys (diffusers reads none for SDXL), so alpha/rank is folded into lora_B:
+    it gives the kohya file's image at alpha != rank, in TuneLab and in diffusers' own loader."""
+    files = te_lora["files"]
+    copy_sd, meta = lora.read_file(files["tunelab_diffusers_copy"])
+    assert meta["tunelab_alpha_folded"] == "true" and meta["alpha"] == "2.0" and meta["rank"] == "4"
+    assert not any(k.endswith(".alpha") for k in copy_sd)
+    te1 = te_lora["weights"]["text_encoder"]  # module names as the installed transformers has them
+    a, b = next(v for m, v in te1.items() if m.endswith("encoder.layers.0.self_attn.q_proj"))
+    key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer"
+    assert torch.equal(copy_sd[f"{key}.down.weight"], a) and torch.allclose(copy_sd[f"{key}.up.weight"], b * SCALE)
+    kohya = image(lora.load(tiny_sdxl, files["tunelab_kohya"]))
+    torch.testing.assert_close(image(lora.load(tiny_sdxl, files["tunelab_diffusers_copy"])), kohya, atol=1e-5, rtol=0)
+    theirs = _diffusers_image(files["tunelab_diffusers_copy"])
+    if theirs is not None:
+        torch.testing.assert_close(theirs, kohya, atol=1e-5, rtol=0)
+
+
+def test_text_encoder_adapters_follow_the_stack_and_are_removed(te_lora):
+    """activate() sets each handle's strengths on the text encoders too, a handle without the LoRA sees none of
+    it, and removing the adapter restores the base model exactly (a private pipe: the shared one keeps its LoRAs)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tunelab.core import tiny
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny.ensure("tiny-sdxl")), local_files_only=True)
+    base = _handle(pipe)
+    before = encode(base, "a fox", "wrong").embeds
+    half = lora.load(base, te_lora["files"]["standard_kohya"], 0.5)
+    adapter = half.loras[0].adapter
+    reference = _handle(merged_pipe("tiny-sdxl", te_lora["weights"], scale=SCALE * 0.5))
+    torch.testing.assert_close(encode(half, "a fox", "wrong").embeds, encode(reference, "a fox", "wrong").embeds,
+                               atol=1e-5, rtol=0)
+    assert torch.equal(encode(base, "a fox", "wrong").embeds, before), "the base handle saw the LoRA"
+    lora.remove(pipe, adapter)
+    assert lora.loaded_adapters(pipe) == set()
+    assert not any(hasattr(m, "peft_config") for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
+    assert torch.equal(encode(base, "a fox", "wrong").embeds, before)
+    again = lora.load(base, te_lora["files"]["standard_kohya"], 0.5)  # and it loads again after removal
+    assert again.loras[0].adapter == adapter and adapter in lora.loaded_adapters(pipe)

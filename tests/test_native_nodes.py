@@ -38,10 +38,10 @@ def test_registered_with_tooltips():
 
 
 @pytest.fixture
-def clip_as(monkeypatch, tiny_sdxl, tiny_refiner, tiny_sd15):
+def clip_as(monkeypatch, encoders_of, tiny_sdxl, tiny_refiner, tiny_sd15):
     """Make host treat the string 'sdxl' / 'sdxl-refiner' / 'sd15' as a native CLIP of that family."""
     handles = {"sdxl": tiny_sdxl, "sdxl-refiner": tiny_refiner, "sd15": tiny_sd15}
-    monkeypatch.setattr(host, "clip_text_encoders", lambda clip: (clip, tl_prompt._encoders_for(handles[clip])))
+    monkeypatch.setattr(host, "clip_text_encoders", lambda clip: (clip, encoders_of(handles[clip])))
     monkeypatch.setattr(host, "clip_cond_extras", lambda clip: {"hooks": "from-clip"})
     return handles
 

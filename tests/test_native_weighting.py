@@ -20,10 +20,10 @@ LONG = ("An old stone castle on a hill under a stormy sky. Ravens circle the tow
     (LONG, "a cat", "", "blurry"),
     ('("a red car", "a blue car").blend(1, 0.5)', '("part one", "part two").and(1, 0.5)', "x", "y"),
 ])
-def test_split_prompts_equal_compel_main_and_style(tiny_sdxl, pos_g, pos_l, neg_g, neg_l):
+def test_split_prompts_equal_compel_main_and_style(tiny_sdxl, encoders_of, pos_g, pos_l, neg_g, neg_l):
     from compel import CompelForSDXL
 
-    encoders = tl_prompt._encoders_for(tiny_sdxl)
+    encoders = encoders_of(tiny_sdxl)
     got = tl_prompt.encode_with(encoders, pos_g, neg_g, split={"te1": (pos_l, neg_l)})
     try:
         with torch.no_grad():
@@ -77,8 +77,8 @@ def test_downweight_asks_for_masked_windows_only_where_the_mask_changes(tiny_sdx
     assert empty[0] == weighting.empty_window(encoders.vocabularies["te1"], masked=False)
 
 
-def test_every_encoder_needs_as_many_prompts(tiny_sdxl):
-    encoders = tl_prompt._encoders_for(tiny_sdxl)
+def test_every_encoder_needs_as_many_prompts(tiny_sdxl, encoders_of):
+    encoders = encoders_of(tiny_sdxl)
     conj = tl_prompt.check("a cat")
     with pytest.raises(TuneLabError, match="same number of prompts"):
         weighting.encode_conjunctions({"te1": [conj], "te2": [conj, conj]}, encoders.vocabularies, encoders.encode)

@@ -26,6 +26,50 @@ def test_dependencies_are_floors_and_torch_is_not_pinned():
     assert "torch==" in (ROOT / ".ci" / "constraints.txt").read_text()
 
 
+def _floors(lines) -> dict:
+    out = {}
+    for line in lines:
+        m = re.fullmatch(r'\s*"?([A-Za-z0-9_.-]+)>=([^",;\s]+)((?:,!=[^",;\s]+)*)"?,?\s*', line)
+        if m:
+            out[m.group(1).lower().replace("_", "-")] = ">=" + m.group(2) + m.group(3)
+    return out
+
+
+def test_requirements_and_pyproject_declare_the_same_floors():
+    py = (ROOT / "pyproject.toml").read_text()
+    deps = _floors(re.search(r"dependencies = \[(.*?)\]", py, re.S).group(1).splitlines())
+    reqs = _floors((ROOT / "requirements.txt").read_text().splitlines())
+    assert deps.pop("torch") and reqs == deps, (reqs, deps)
+
+
+def test_the_lock_pins_every_package_at_or_above_its_floor():
+    """.ci/constraints.txt (what the README's test command and .ci/run install) pins exact versions only, torch on
+    the local CPU build, and every declared dependency inside its declared range."""
+    from packaging.specifiers import SpecifierSet
+
+    pins = {}
+    for line in (ROOT / ".ci" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and not re.search(r"[<>~!,;]", version), line
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    assert pins["torch"] == "2.13.0"
+    py = (ROOT / "pyproject.toml").read_text()
+    declared = _floors(re.search(r"dependencies = \[(.*?)\]", py, re.S).group(1).splitlines())
+    declared.update(_floors(re.search(r"^test = \[(.*?)\]", py, re.M | re.S).group(1).split(",")))
+    for name, spec in declared.items():
+        assert name in pins, f"{name} is declared but not locked"
+        assert SpecifierSet(spec).contains(pins[name]), (name, pins[name], spec)
+
+
+def test_ci_runs_the_lock_then_the_floors_and_the_newest_set():
+    ci = (ROOT / ".ci" / "run").read_text().split("# --- the README's test command")[1]  # the script, not its header
+    assert ci.index("python3 -m pytest") < ci.index("bash .ci/versions floors") < ci.index("bash .ci/versions newest")
+    versions = (ROOT / ".ci" / "versions").read_text()
+    assert '"$rc" -eq 5' in versions and '"$lock_rc" -eq 5' in ci  # pytest's "no tests collected" is a failure
+    assert "grep -E '^torch==' .ci/constraints.txt" in versions  # torch stays the local CPU build
+
+
 def test_registry_ids_prefixes_and_tooltips():
     import tunelab
 

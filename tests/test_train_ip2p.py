@@ -96,7 +96,7 @@ def test_lora_mode_saves_kohya_that_loads_and_changes_edits(tiny_ip2p, dataset, 
     from tunelab.training.ip2p import train
 
     before = {k: v.clone() for k, v in tiny_ip2p.pipe.unet.state_dict().items()}
-    res = train(_cfg(dataset, tmp_path / "l.safetensors", mode="lora", rank=4, learning_rate=1e-2,
+    res = train(_cfg(dataset, tmp_path / "l.safetensors", mode="lora", rank=4, lora_alpha=8, learning_rate=1e-2,
                      max_train_steps=2, use_ema=True, save_diffusers_copy=True))
     assert res.mode == "lora" and res.steps == 2 and res.output.is_file() and res.diffusers_path.is_file()
     assert res.run_dir == tmp_path / "l_run" and res.loss_curve_png.is_file()
@@ -114,6 +114,9 @@ def test_lora_mode_saves_kohya_that_loads_and_changes_edits(tiny_ip2p, dataset, 
     with_lora = lora.load(tiny_ip2p, res.output, 1.0)
     edited = instruct.edit(with_lora, img, "derain the image", steps=1, seed=0)
     assert not torch.equal(base, edited), "the LoRA changes the edit"
+    # the diffusers copy (no alpha keys: alpha/rank = 2 folded into lora_B) edits as the kohya file does
+    copy_edit = instruct.edit(lora.load(tiny_ip2p, res.diffusers_path, 1.0), img, "derain the image", steps=1, seed=0)
+    torch.testing.assert_close(copy_edit, edited, atol=1e-5, rtol=0)
     assert torch.equal(base, instruct.edit(tiny_ip2p, img, "derain the image", steps=1, seed=0))
     # refusals, before anything is written
     for kw, name in ((dict(model="tiny-sd15"), "mode"), (dict(out=tmp_path / "no_suffix"), "output"),

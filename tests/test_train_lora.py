@@ -58,7 +58,10 @@ def _image(handle, negative=""):
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "wrong.safetensors"
-    before_state, before_image = _state(tiny_sdxl), _image(tiny_sdxl)
+    # the image first: sampling the base handle disables the loaded adapters, which peft < 0.18 does by also
+    # clearing their requires_grad; the state to compare is the pipe's resting state
+    before_image = _image(tiny_sdxl)
+    before_state = _state(tiny_sdxl)
     result = train(LoraTrainConfig(data_dir=str(data_dir), output=str(out), model=tiny_sdxl, validation_prompt="wrong",
                                    validation_inference_steps=2, **BASE))
     return {"result": result, "before_state": before_state, "before_image": before_image,
@@ -147,7 +150,7 @@ def test_kohya_file_gives_the_same_image_in_diffusers(trained, tiny_sdxl):
     ours = _image(lora.load(tiny_sdxl, path), negative="blurry")
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny.ensure("tiny-sdxl")), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(path))
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # a bare file path needs the hub
     theirs = pipe(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=2, guidance_scale=13.0,
                   width=64, height=64, generator=torch.Generator().manual_seed(3), output_type="pt").images
     assert torch.allclose(ours, sampling.to_image_tensor(theirs), atol=1e-5)
@@ -185,6 +188,33 @@ def test_kohya_keys_are_what_comfyui_maps(trained, tiny_sdxl):
     # UNet targets: the four attention projections of every transformer block
     unet_paths = {k.split(".")[0] for k in sd if k.startswith("lora_unet_")}
     assert {p.rsplit("_", 1)[-1] for p in unet_paths} == {"q", "k", "v", "0"}
+
+
+def test_diffusers_copy_gives_the_kohya_image_at_alpha_not_rank(tiny_sdxl, data_dir, tmp_path):
+    """--save-diffusers-copy at alpha 8, rank 4: diffusers keys carry no alpha, so the copy folds alpha/rank into
+    lora_B; in TuneLab and in diffusers' own loader it gives the kohya file's image (text encoders included)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "a8.safetensors"
+    r = train(LoraTrainConfig(data_dir=str(data_dir), output=str(out), model=tiny_sdxl, save_diffusers_copy=True,
+                              **dict(BASE, alpha=8, max_train_steps=2, checkpointing_steps=0)))
+    assert r.diffusers_path == tmp_path / "a8_diffusers.safetensors"
+    kohya_sd, meta = lora.read_file(r.lora_path)
+    copy_sd, copy_meta = lora.read_file(r.diffusers_path)
+    assert {float(v) for k, v in kohya_sd.items() if k.endswith(".alpha")} == {8.0} and meta["alpha"] == "8.0"
+    assert copy_meta["tunelab_alpha_folded"] == "true" and not any(k.endswith(".alpha") for k in copy_sd)
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.") for k in copy_sd)
+    assert any(k.startswith("text_encoder_2.text_model.encoder.layers.") for k in copy_sd)
+    kohya = _image(lora.load(tiny_sdxl, r.lora_path), negative="blurry")
+    assert not torch.allclose(kohya, _image(tiny_sdxl, negative="blurry"), atol=1e-3)
+    torch.testing.assert_close(_image(lora.load(tiny_sdxl, r.diffusers_path), negative="blurry"), kohya,
+                               atol=1e-5, rtol=0)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny.ensure("tiny-sdxl")), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(r.diffusers_path.parent), weight_name=r.diffusers_path.name)
+    theirs = pipe(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=2, guidance_scale=13.0,
+                  width=64, height=64, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    torch.testing.assert_close(sampling.to_image_tensor(theirs), kohya, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

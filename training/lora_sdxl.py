@@ -839,12 +839,15 @@ class _Adapted:
     trained_models: list  # the modules whose train/eval mode validation toggles
 
 
-def _add_adapters(stack, c: LoraTrainConfig, unet, vae, text: _TextSide, device, alpha: float) -> _Adapted:
+def _add_adapters(stack, c: LoraTrainConfig, pipe, text: _TextSide, device, alpha: float) -> _Adapted:
     """Fresh training adapters on the UNet (and the text encoders), every base weight frozen; all restored when
     `stack` closes, so the shared pipe is left as it was."""
     import torch
     from peft import LoraConfig
 
+    from ..core import lora as lora_mod
+
+    unet, vae = pipe.unet, pipe.vae
     dora = {"use_dora": True} if c.use_dora else {}
     unet_lora = LoraConfig(r=c.rank, lora_alpha=alpha, lora_dropout=c.lora_dropout, init_lora_weights="gaussian",
                            target_modules=list(c.target_modules), **dora)
@@ -853,6 +856,9 @@ def _add_adapters(stack, c: LoraTrainConfig, unet, vae, text: _TextSide, device,
     text_encoders = text.text_encoders
     stack.callback(lambda: [t.remove() for t in text.new_tokens])
     stack.enter_context(common.preserved(unet, vae, *text_encoders))
+    # the shared pipe's resting state afterwards: nothing runs until activate() picks a handle's stack. Registered
+    # after `preserved`, so it runs before requires_grad is restored (peft < 0.18 also clears it on disabling).
+    stack.callback(lambda: pipe.disable_lora() if lora_mod.loaded_adapters(pipe) else None)
     unet.requires_grad_(False)
     vae.requires_grad_(False)
     for te in text_encoders:
@@ -1344,7 +1350,7 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
     validation: list = []
     grid = grid_path = None
     with contextlib.ExitStack() as stack:
-        adapted = _add_adapters(stack, c, unet, vae, text, env.device, alpha)
+        adapted = _add_adapters(stack, c, pipe, text, env.device, alpha)
         optimizer = _optimizer(c, adapted, env)
         lr_scheduler = _lr_scheduler(c, optimizer, env.world, sched.max_steps)
         optimizer, lr_scheduler = env.accelerator.prepare(optimizer, lr_scheduler)
@@ -1409,8 +1415,6 @@ def train(config: LoraTrainConfig, progress=None) -> TrainResult:
                 grid, grid_path = validate.grid(loop.step)
         env.accelerator.wait_for_everyone()
         nonfinite_total = ctl.nonfinite_total
-    if lora_mod.loaded_adapters(pipe):  # the shared pipe's resting state: nothing runs until activate() picks
-        pipe.disable_lora()
 
     curve_path, curve = run_dir / "loss_curve.png", None
     if env.is_main:
