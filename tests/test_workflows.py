@@ -477,6 +477,60 @@ def test_first_view_rules(specs):
     assert "no saved view" in wl.first_view_problems(ui, specs)[0]
 
 
+# Node rectangles (x, y, w, h, title bar included) of instruct_edit.json as comfyui-frontend 1.58.1 sized them, and
+# the view it opened that workflow with from the template browser (measured with tools/workflow_shots.py).
+FITTED_1_58 = {"rects": [(0, 370, 360, 160), (420, -30, 400, 360), (420, 370, 400, 360), (880, -30, 400, 390),
+                         (880, 400, 400, 180), (880, 620, 400, 290), (0, -30, 360, 360)],
+               "scale": 0.625, "offset": [384, 200]}
+
+
+def _boxes_ui(rects, kind="PreviewImage"):
+    nodes = [_node(i + 1, kind, pos=[x, y + wl.TITLE_HEIGHT], size=[w, h - wl.TITLE_HEIGHT])
+             for i, (x, y, w, h) in enumerate(rects)]
+    return {"nodes": nodes, "links": [], "groups": []}
+
+
+def test_template_view_is_the_frontends_fit(specs):
+    """1.58 ignores extra.ds when opening from the template browser and fits every node into 75% of the window."""
+    view = wl.template_view(_boxes_ui(FITTED_1_58["rects"]), specs)
+    assert view["scale"] == pytest.approx(FITTED_1_58["scale"], abs=1e-3)
+    assert view["offset"] == pytest.approx(FITTED_1_58["offset"], abs=0.5)
+
+
+def test_template_view_rules(specs):
+    ui = readable(build_ui(), specs)
+    assert wl.template_view_problems(ui, specs) == []
+    # a graph too wide for 1280 px at zoom 0.6: the newer frontend opens it with blank boxes
+    wide = copy.deepcopy(ui)
+    _ui_node(wide, 9)["pos"][0] = 2400
+    assert "fits every node at zoom" in wl.template_view_problems(wide, specs)[0]
+    # a group title above every node sits under the run bar once the graph is fitted
+    top = min(wl.node_box(n, specs.get(n["type"])).y for n in ui["nodes"])
+    grouped = copy.deepcopy(ui)
+    grouped["groups"] = [{"title": "above", "bounding": [0, top - 80, 300, 60]}]
+    problems = wl.template_view_problems(grouped, specs)
+    assert any("group 'above'" in p and "level with the top node's title" in p for p in problems)
+
+
+def test_a_collapsed_node_counts_as_its_title_and_opens_into_free_space(specs):
+    """A node too tall for the fitted view (TuneLab Train LoRA) is saved collapsed; the space it opens into must
+    be free, and its saved size must still hold its widgets."""
+    train = _node(1, "TuneLabTrainLora", pos=[0, 0], flags={"collapsed": True})
+    train["size"] = [round(v) + 1 for v in wl.estimated_size(train, specs["TuneLabTrainLora"])]
+    other = _node(2, "PreviewImage", pos=[0, 300], size=[200, 100])
+    ui = {"nodes": [train, other], "links": [], "groups": []}
+    box = wl.node_box(train, specs["TuneLabTrainLora"])
+    assert box.h == wl.TITLE_HEIGHT and box.w < 250
+    assert wl.node_box(train, specs["TuneLabTrainLora"], expanded=True).h > 1000
+    problems = wl.overlap_problems(ui, specs)
+    assert len(problems) == 1 and "is collapsed; expanded it would cover" in problems[0]
+    other["pos"] = [train["size"][0] + 40, 0]
+    assert wl.overlap_problems(ui, specs) == []
+    assert wl.template_view(ui, specs)["scale"] > 1  # the fitted view counts the pill, not the 1450 px node
+    train["size"][1] = 900
+    assert "saved height 900" in wl.size_problems(ui, specs)[0]
+
+
 def test_model_hints_for_the_missing_models_dialog(specs):
     ui = readable(build_ui(), specs)
     assert wl.model_hint_problems(ui, specs) == []
