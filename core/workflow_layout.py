@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from .workflow import VIRTUAL_NODES, InputSpec, ui_links
+from .workflow import VIRTUAL_NODES, InputSpec, WorkflowError, ui_links, ui_widget_values
 
 TITLE_HEIGHT = 30               # LiteGraph.NODE_TITLE_HEIGHT
 SLOT_HEIGHT = 20                # LiteGraph.NODE_SLOT_HEIGHT
@@ -358,6 +358,26 @@ def model_hint_problems(ui: Mapping, specs: Mapping) -> list:
     return out
 
 
+def advanced_value_problems(ui: Mapping, specs: Mapping) -> list:
+    """A widget flagged ``advanced`` (folded away by frontends that fold advanced inputs) must hold its default:
+    what a workflow sets must stay in view."""
+    out = []
+    for node in ui.get("nodes") or []:
+        spec = specs.get(node.get("type"))
+        if spec is None or node.get("type") in VIRTUAL_NODES:
+            continue
+        try:
+            values = ui_widget_values(node, spec)
+        except WorkflowError:
+            continue  # reported by validation
+        for w in spec.widget_inputs:
+            if w.opts.get("advanced") and "default" in w.opts and w.name in values and values[w.name] != w.opts["default"]:
+                out.append(f"{_label(node, spec)}: {w.name} = {values[w.name]!r} differs from its default "
+                           f"{w.opts['default']!r}, but {w.name} is an advanced input that newer frontends fold "
+                           f"away; keep the default or show {w.name} (nodes/*.py)")
+    return out
+
+
 def thumbnail_problems(path: Path) -> list:
     """The template browser's card picture `<name>.jpg`: present, a JPEG, of sensible size, not a blank."""
     path = Path(path)
@@ -390,4 +410,4 @@ def layout_problems(ui: Mapping, specs: Mapping) -> list:
     ui_links(ui)  # malformed links fail here, as in validation
     return (size_problems(ui, specs) + overlap_problems(ui, specs) + group_problems(ui, specs)
             + first_view_problems(ui, specs) + template_view_problems(ui, specs) + note_problems(ui)
-            + model_hint_problems(ui, specs))
+            + model_hint_problems(ui, specs) + advanced_value_problems(ui, specs))

@@ -531,6 +531,27 @@ def test_a_collapsed_node_counts_as_its_title_and_opens_into_free_space(specs):
     assert "saved height 900" in wl.size_problems(ui, specs)[0]
 
 
+def test_train_nodes_fold_only_rarely_changed_inputs(specs):
+    """Train LoRA / Train InstructPix2Pix flag their rarely changed optional inputs advanced (1.58's Vue nodes fold
+    them); every input keeps its tooltip, and what a shipped workflow sets is never folded away."""
+    from tunelab.nodes import train
+
+    for cls, shown in ((train.TrainLora, train.TRAIN_LORA_SHOWN), (train.TrainInstructPix2Pix, train.TRAIN_IP2P_SHOWN)):
+        types = cls.INPUT_TYPES()
+        assert not any(e[1].get("advanced") for e in types["required"].values())
+        folded = {name for name, e in types["optional"].items() if e[1].get("advanced")}
+        assert folded == set(types["optional"]) - set(shown) and len(folded) >= 20
+        assert all(e[1].get("tooltip") for section in types.values() for e in section.values())
+    ui = json.loads((WORKFLOWS_DIR / "train_wrong_lora.json").read_text())
+    assert wl.advanced_value_problems(ui, specs) == []
+    trainer = next(n for n in ui["nodes"] if n["type"] == "TuneLabTrainLora")
+    spec = specs["TuneLabTrainLora"]
+    i = sum(1 + w.ui_extra_values for w in spec.widget_inputs[:[w.name for w in spec.widget_inputs].index("use_dora")])
+    trainer["widgets_values"][i] = True
+    problems = wl.advanced_value_problems(ui, specs)
+    assert len(problems) == 1 and "use_dora = True differs from its default False" in problems[0]
+
+
 def test_model_hints_for_the_missing_models_dialog(specs):
     ui = readable(build_ui(), specs)
     assert wl.model_hint_problems(ui, specs) == []
