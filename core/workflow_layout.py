@@ -132,6 +132,9 @@ def is_collapsed(node: Mapping) -> bool:
     return bool((node.get("flags") or {}).get("collapsed"))
 
 
+COLLAPSED_TITLE = 20            # litegraph draws a collapsed node's title cut to 20 characters
+
+
 def collapsed_width(node: Mapping, spec) -> float:
     """A collapsed node is its title pill: title text + 2 title heights wide (litegraph's _collapsed_width)."""
     return text_width(node_title(node, spec), TITLE_PX) + 2 * TITLE_HEIGHT
@@ -165,6 +168,9 @@ def size_problems(ui: Mapping, specs: Mapping) -> list:
     out = []
     for node in ui.get("nodes") or []:
         spec = specs.get(node.get("type"))
+        if is_collapsed(node) and len(node_title(node, spec)) > COLLAPSED_TITLE:
+            out.append(f"{_label(node, spec)} is collapsed, and the frontend cuts a collapsed node's title to "
+                       f"{COLLAPSED_TITLE} characters; give it a shorter title")
         ew, eh = estimated_size(node, spec)
         w, h = (list(node.get("size") or [0, 0]) + [0, 0])[:2]
         if w < ew:

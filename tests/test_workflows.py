@@ -529,6 +529,9 @@ def test_a_collapsed_node_counts_as_its_title_and_opens_into_free_space(specs):
     assert wl.template_view(ui, specs)["scale"] > 1  # the fitted view counts the pill, not the 1450 px node
     train["size"][1] = 900
     assert "saved height 900" in wl.size_problems(ui, specs)[0]
+    train["size"][1] += 1000
+    train["title"] = "2. Train the wrong LoRA"  # drawn collapsed as "2. Train the wrong L"
+    assert "cuts a collapsed node's title to 20 characters" in wl.size_problems(ui, specs)[0]
 
 
 def test_train_nodes_fold_only_rarely_changed_inputs(specs):
