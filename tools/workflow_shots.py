@@ -9,8 +9,9 @@ temporary custom_nodes folder, drives a headless Chromium over the DevTools prot
   shows its thumbnail, and opens the workflow by clicking its card, as a user does;
 - checks that the frontend's own API export (``app.graphToPrompt()``) equals ``workflows/api/<name>.json``;
 - measures, from the frontend's own graph objects after it has sized the nodes, whether any two node rectangles
-  (title bar included) overlap, and whether every node's title is on screen and not under the frontend's chrome
-  (tabs, workflow-name chip, sidebar, toasts: the point must hit the canvas itself);
+  (title bar included) overlap, also with its collapsed nodes opened, and whether every node's title is on screen
+  and drawn (not in low-detail mode) and not under the frontend's chrome (tabs, workflow-name chip, sidebar,
+  toasts: the point must hit the canvas itself);
 - with ``--shots DIR``: saves the template browser and the first view of each workflow as JPEG;
 - with ``--thumbnails``: renders each graph at 100% zoom on a large page and writes ``workflows/<name>.jpg``
   (the template browser's card picture), a square JPEG of THUMB px.
@@ -97,6 +98,20 @@ GRAPH_BOUNDS = """(() => { const TH = (window.LiteGraph && LiteGraph.NODE_TITLE_
   for (const g of app.graph._groups || []) { const r = g._bounding || g.bounding; b = [Math.min(b[0], r[0]),
     Math.min(b[1], r[1]), Math.max(b[2], r[0] + r[2]), Math.max(b[3], r[1] + r[3])]; }
   return b; })()"""
+
+
+# Collapsed nodes open with one click: open them, read every node rectangle, and fold them again. Returns the
+# opened nodes (size and computeSize while open) and the pairs that overlap while they are open.
+EXPANDED = """(() => { const TH = (window.LiteGraph && LiteGraph.NODE_TITLE_HEIGHT) || 30;
+  const folded = app.graph._nodes.filter(n => n.flags && n.flags.collapsed); if (!folded.length) return {opened: [], overlaps: []};
+  folded.forEach(n => n.collapse()); const r = app.graph._nodes.map(n => { const c = !!(n.flags && n.flags.collapsed);
+    return {id: n.id, x: n.pos[0], y: n.pos[1] - TH, w: c ? (n._collapsed_width || 80) : n.size[0], h: (c ? 0 : n.size[1]) + TH,
+            opened: folded.includes(n), computed: folded.includes(n) ? Array.from(n.computeSize()) : null}; });
+  folded.forEach(n => n.collapse()); app.canvas.setDirty(true, true);
+  const out = []; for (const a of r) if (a.opened) for (const b of r) { if (b === a) continue;
+    const ox = Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x), oy = Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y);
+    if (ox > 0 && oy > 0) out.push({a: a.id, b: b.id, dx: ox, dy: oy, size: [a.w, a.h - TH]}); }
+  return {opened: r.filter(a => a.opened).map(a => ({id: a.id, size: [a.w, a.h - TH], computed: a.computed})), overlaps: out}; })()"""
 
 
 def workflow_names(folder: Path) -> list:
@@ -205,6 +220,9 @@ def check_view(name: str, m: dict, card: dict) -> list:
         problems.append(f"the card shows the frontend's placeholder ({img['src']}): no {name}.jpg")
     for o in m["overlaps"]:
         problems.append(f"nodes {o['a']} and {o['b']} overlap by {o['dx']:.0f} x {o['dy']:.0f} px")
+    for o in (m.get("expanded") or {}).get("overlaps") or []:
+        problems.append(f"collapsed node {o['a']}, once expanded ({o['size'][0]:.0f} x {o['size'][1]:.0f}), overlaps "
+                        f"node {o['b']} by {o['dx']:.0f} x {o['dy']:.0f} px")
     for n in m["nodes"]:
         if not n["title_visible"]:
             problems.append(f"node {n['id']} '{n['title']}': title not visible (under {n['covered_by']})")
@@ -257,6 +275,7 @@ def run(args) -> int:
             card = open_from_templates(page, name, counts[name],
                                        shots / f"{tag}-{name}-dialog.jpg" if shots else None, names=all_names)
             m = page.js(MEASURE)
+            m["expanded"] = page.js(EXPANDED)
             problems = check_view(name, m, card) + prompt_differences(page, folder / "api" / f"{name}.json")
             failures += bool(problems)
             report[name] = {"measure": m, "card": card, "problems": problems}
