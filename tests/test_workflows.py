@@ -368,8 +368,9 @@ def test_shipped_workflow_is_readable(path, specs):
 
 
 # (class, title, width, height) that comfyui-frontend 1.35.9 and 1.58.1 computed for shipped nodes
-# (LGraphNode.computeSize, measured with tools/workflow_shots.py; both versions gave the same numbers). The first
-# two are the long titles that widened their nodes over their neighbours.
+# (LGraphNode.computeSize, measured with tools/workflow_shots.py; both versions gave the same numbers; Train LoRA
+# and Instruct Evaluate re-measured after they grew new widgets, Train LoRA while expanded). The first two are the
+# issue's long titles that widened their nodes over their neighbours.
 MEASURED = [
     ("TuneLabInstructionDataset", "Held-out pairs: derain / denoise / deblur / low-light from the input folder",
      514.3, 440),
@@ -381,11 +382,11 @@ MEASURED = [
     ("TuneLabCompare", "Three-way comparison (base + refiner)", 300.9, 388), ("TuneLabGenerate", "Generate", 210, 266),
     ("TuneLabGenerate", "Generate (base -> refiner at 0.8)", 252.8, 266),
     ("TuneLabInstructEdit", "Instruct Edit (igs 1.5, gs 7.0, 20 steps)", 285.3, 282),
-    ("TuneLabInstructEvaluate", "Instruct Evaluate (PSNR / SSIM)", 249.1, 436),
+    ("TuneLabInstructEvaluate", "Instruct Evaluate (PSNR / SSIM / CLIP / DINOv2)", 357.3, 556),
     ("TuneLabInstructionDataset", "Held-out pairs: derain / denoise / deblur / low-light", 375.2, 440),
     ("TuneLabLoadLora", "Load the wrong LoRA", 210, 82),
     ("TuneLabLoadPipeline", "Fine-tuned: instruction-tuned low-level model", 342.9, 130),
-    ("TuneLabLoadPipeline", "Load SDXL base", 210, 130), ("TuneLabTrainLora", "2. Train the wrong LoRA", 268.6, 982),
+    ("TuneLabLoadPipeline", "Load SDXL base", 210, 130), ("TuneLabTrainLora", "2. Train the LoRA", 268.6, 1440),
     ("TuneLabWeightedPrompt", "Weighted prompt (compel syntax)", 264.3, 190),
     ("TuneLabWrongImageSynthesis", "TuneLab Wrong Image Synthesis", 257.3, 480),
 ]
