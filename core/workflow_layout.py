@@ -273,9 +273,10 @@ def template_view_problems(ui: Mapping, specs: Mapping, viewport=VIEWPORT, safe=
     ds = template_view(ui, specs, viewport)
     out = []
     if ds["scale"] < MIN_SCALE:
+        w, h = (FIT_FRACTION * side / MIN_SCALE - 2 * FIT_PAD for side in viewport)
         out.append(f"opened from the template browser, frontend 1.58 fits every node at zoom {ds['scale']:.2f}, "
-                   f"below {MIN_SCALE} (blank boxes): keep the nodes within about {FIT_FRACTION * viewport[0] / MIN_SCALE - 2 * FIT_PAD:.0f} x "
-                   f"{FIT_FRACTION * viewport[1] / MIN_SCALE - 2 * FIT_PAD:.0f} px (rearrange, collapse a tall node, or split the workflow)")
+                   f"below {MIN_SCALE} (blank boxes): keep the nodes within about {w:.0f} x {h:.0f} px "
+                   f"(rearrange, collapse a tall node, or split the workflow)")
     for what, rect in _titles_outside(ui, specs, ds, safe):
         out.append(f"{what}: opened from the template browser (frontend 1.58 fits every node), its title is at "
                    f"{rect}, not inside the area the chrome leaves free {safe}; keep group titles level with the "
@@ -377,7 +378,8 @@ def advanced_value_problems(ui: Mapping, specs: Mapping) -> list:
         except WorkflowError:
             continue  # reported by validation
         for w in spec.widget_inputs:
-            if w.opts.get("advanced") and "default" in w.opts and w.name in values and values[w.name] != w.opts["default"]:
+            folded = w.opts.get("advanced") and "default" in w.opts and w.name in values
+            if folded and values[w.name] != w.opts["default"]:
                 out.append(f"{_label(node, spec)}: {w.name} = {values[w.name]!r} differs from its default "
                            f"{w.opts['default']!r}, but {w.name} is an advanced input that newer frontends fold "
                            f"away; keep the default or show {w.name} (nodes/*.py)")
