@@ -8,10 +8,13 @@ with widgets. So a node saved narrower than its title grows to the right, over i
 estimate that size from above (text widths from a deliberately generous per-character table) and ask every
 saved size to be at least the estimate, with a gap between rectangles.
 
-The first view is the saved ``extra.ds`` (pinned 1.35 restores it; 1.58 fits the view when opened from the
-template browser). Rule: every node's title bar lies in the part of a 1280 x 800 window that the frontend's chrome
-leaves free (sidebar on the left, tabs, workflow-name chip and run bar at the top), at a zoom the frontend draws
-text at (below ~0.57 it draws blank boxes).
+There are two first views. The pinned 1.35 restores the saved ``extra.ds``; 1.58 ignores it when a workflow is
+opened from the template browser and fits every node into 75% of the window (``fitToBounds``). Rule for both:
+every node's and group's title bar lies in the part of a 1280 x 800 window that the frontend's chrome leaves free
+(sidebar on the left, tabs, workflow-name chip and run bar at the top), at a zoom the frontend draws text at
+(below ~0.57 it draws blank boxes). So a whole graph must fit in about 1580 x 980 px; a node too tall for that
+(TuneLab Train LoRA) is saved collapsed (``flags.collapsed``: both versions draw its title only, one click
+expands it), with the space it expands into kept free.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from .workflow import VIRTUAL_NODES, InputSpec, ui_links
+from .workflow import VIRTUAL_NODES, InputSpec, WorkflowError, ui_links, ui_widget_values
 
 TITLE_HEIGHT = 30               # LiteGraph.NODE_TITLE_HEIGHT
 SLOT_HEIGHT = 20                # LiteGraph.NODE_SLOT_HEIGHT
@@ -33,6 +36,7 @@ VIEWPORT = (1280, 800)          # the reference window for the first view
 # workflow-name chip and run bar down to y = 90, zoom controls in the bottom 50 px)
 SAFE = (70, 100, VIEWPORT[0] - 10, VIEWPORT[1] - 60)
 MIN_SCALE = 0.6                 # the frontend's text level-of-detail cut is 8 px / 14 px = 0.57
+FIT_FRACTION, FIT_PAD = 0.75, 10  # 1.58's template open: DragAndScale.fitToBounds(createBounds(nodes, 10), 0.75)
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 THUMB_MIN, THUMB_MAX, THUMB_MAX_BYTES = 128, 1024, 200_000
 
@@ -124,9 +128,24 @@ def _widget_height(w: InputSpec) -> float:
     return h
 
 
-def node_box(node: Mapping, spec=None, *, estimate: bool = True) -> Box:
-    """The rectangle a node covers on the canvas, title bar included (saved size, or the estimate if larger)."""
+def is_collapsed(node: Mapping) -> bool:
+    return bool((node.get("flags") or {}).get("collapsed"))
+
+
+COLLAPSED_TITLE = 20            # litegraph draws a collapsed node's title cut to 20 characters
+
+
+def collapsed_width(node: Mapping, spec) -> float:
+    """A collapsed node is its title pill: title text + 2 title heights wide (litegraph's _collapsed_width)."""
+    return text_width(node_title(node, spec), TITLE_PX) + 2 * TITLE_HEIGHT
+
+
+def node_box(node: Mapping, spec=None, *, estimate: bool = True, expanded: bool = False) -> Box:
+    """The rectangle a node covers on the canvas, title bar included (saved size, or the estimate if larger);
+    a collapsed node covers its title pill only, unless `expanded` asks for the rectangle it opens into."""
     x, y = (list(node.get("pos") or [0, 0]) + [0, 0])[:2]
+    if is_collapsed(node) and not expanded:
+        return Box(float(x), float(y) - TITLE_HEIGHT, collapsed_width(node, spec), float(TITLE_HEIGHT))
     w, h = (list(node.get("size") or [0, 0]) + [0, 0])[:2]
     if estimate:
         ew, eh = estimated_size(node, spec)
@@ -149,6 +168,9 @@ def size_problems(ui: Mapping, specs: Mapping) -> list:
     out = []
     for node in ui.get("nodes") or []:
         spec = specs.get(node.get("type"))
+        if is_collapsed(node) and len(node_title(node, spec)) > COLLAPSED_TITLE:
+            out.append(f"{_label(node, spec)} is collapsed, and the frontend cuts a collapsed node's title to "
+                       f"{COLLAPSED_TITLE} characters; give it a shorter title")
         ew, eh = estimated_size(node, spec)
         w, h = (list(node.get("size") or [0, 0]) + [0, 0])[:2]
         if w < ew:
@@ -173,6 +195,16 @@ def overlap_problems(ui: Mapping, specs: Mapping, gap: float = GAP) -> list:
                 a, b = nodes[i], nodes[j]
                 what = f"overlap by {-d:.0f} px" if d < 0 else f"are only {d:.0f} px apart (keep {gap:g})"
                 out.append(f"{_label(a, specs.get(a.get('type')))} and {_label(b, specs.get(b.get('type')))} {what}")
+    # a collapsed node opens with one click: the rectangle it opens into must be free too
+    for i, node in enumerate(nodes):
+        if not is_collapsed(node):
+            continue
+        spec = specs.get(node.get("type"))
+        opened = node_box(node, spec, expanded=True)
+        for j, other in enumerate(nodes):
+            if j != i and opened.gap_to(boxes[j]) < gap:
+                out.append(f"{_label(node, spec)} is collapsed; expanded it would cover or touch "
+                           f"{_label(other, specs.get(other.get('type')))} (keep the space it opens into free)")
     return out
 
 
@@ -196,22 +228,59 @@ def group_problems(ui: Mapping, specs: Mapping) -> list:
     return out
 
 
+def _titles_outside(ui: Mapping, specs: Mapping, ds: Mapping, safe) -> list:
+    """(what, screen rectangle) of every title bar that the view `ds` puts outside `safe`."""
+    scale, (ox, oy) = float(ds["scale"]), ds["offset"]
+    out = []
+    for what, (bx0, by0, bx1, by1) in title_bars(ui, specs):
+        x0, y0, x1, y1 = (bx0 + ox) * scale, (by0 + oy) * scale, (bx1 + ox) * scale, (by1 + oy) * scale
+        if x0 < safe[0] or y0 < safe[1] or x1 > safe[2] or y1 > safe[3]:
+            out.append((what, f"({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f})"))
+    return out
+
+
 def first_view_problems(ui: Mapping, specs: Mapping, viewport=VIEWPORT, safe=SAFE) -> list:
     """The saved view (``extra.ds``) must show every node's title clear of the chrome, at a readable zoom."""
     ds = (ui.get("extra") or {}).get("ds")
     if not isinstance(ds, Mapping) or "scale" not in ds or "offset" not in ds:
         return ["no saved view (extra.ds): save one that shows every node's title (python -m tunelab workflows --fit-view)"]
-    scale, (ox, oy) = float(ds["scale"]), ds["offset"]
     out = []
-    if scale < MIN_SCALE:
-        out.append(f"saved zoom {scale:g} is below {MIN_SCALE}, where the frontend draws nodes as blank boxes; "
-                   f"arrange the graph smaller, in groups, or split it")
-    for what, (bx0, by0, bx1, by1) in title_bars(ui, specs):
-        x0, y0, x1, y1 = (bx0 + ox) * scale, (by0 + oy) * scale, (bx1 + ox) * scale, (by1 + oy) * scale
-        if x0 < safe[0] or y0 < safe[1] or x1 > safe[2] or y1 > safe[3]:
-            out.append(f"{what}: title at ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) in a {viewport[0]}x{viewport[1]} "
-                       f"window is not inside the area the chrome leaves free {safe}; re-save the view "
-                       f"(python -m tunelab workflows --fit-view)")
+    if float(ds["scale"]) < MIN_SCALE:
+        out.append(f"saved zoom {float(ds['scale']):g} is below {MIN_SCALE}, where the frontend draws nodes as blank "
+                   f"boxes; arrange the graph smaller, in groups, or split it")
+    for what, rect in _titles_outside(ui, specs, ds, safe):
+        out.append(f"{what}: title at {rect} in a {viewport[0]}x{viewport[1]} window is not inside the area the "
+                   f"chrome leaves free {safe}; re-save the view (python -m tunelab workflows --fit-view)")
+    return out
+
+
+def template_view(ui: Mapping, specs: Mapping, viewport=VIEWPORT) -> dict:
+    """The view comfyui-frontend 1.58 opens a workflow from the template browser with, whatever ``extra.ds``
+    says: the bounds of every node (title bars included, collapsed nodes as their pill) padded by 10 px, centred
+    in 75% of the window (``useLitegraphService().fitView`` -> ``DragAndScale.fitToBounds``; groups are ignored)."""
+    boxes = [node_box(n, specs.get(n.get("type"))) for n in ui.get("nodes") or []]
+    if not boxes:
+        return {"scale": 1.0, "offset": [0.0, 0.0]}
+    x0, y0 = min(b.x for b in boxes) - FIT_PAD, min(b.y for b in boxes) - FIT_PAD
+    w = max(b.x + b.w for b in boxes) + FIT_PAD - x0
+    h = max(b.y + b.h for b in boxes) + FIT_PAD - y0
+    scale = min(FIT_FRACTION * viewport[0] / max(w, 300), FIT_FRACTION * viewport[1] / max(h, 300), 10.0)
+    return {"scale": scale, "offset": [viewport[0] / 2 / scale - x0 - w / 2, viewport[1] / 2 / scale - y0 - h / 2]}
+
+
+def template_view_problems(ui: Mapping, specs: Mapping, viewport=VIEWPORT, safe=SAFE) -> list:
+    """Opened from the template browser on the newer frontend, the fitted view must be readable too."""
+    ds = template_view(ui, specs, viewport)
+    out = []
+    if ds["scale"] < MIN_SCALE:
+        w, h = (FIT_FRACTION * side / MIN_SCALE - 2 * FIT_PAD for side in viewport)
+        out.append(f"opened from the template browser, frontend 1.58 fits every node at zoom {ds['scale']:.2f}, "
+                   f"below {MIN_SCALE} (blank boxes): keep the nodes within about {w:.0f} x {h:.0f} px "
+                   f"(rearrange, collapse a tall node, or split the workflow)")
+    for what, rect in _titles_outside(ui, specs, ds, safe):
+        out.append(f"{what}: opened from the template browser (frontend 1.58 fits every node), its title is at "
+                   f"{rect}, not inside the area the chrome leaves free {safe}; keep group titles level with the "
+                   f"top node's title")
     return out
 
 
@@ -221,7 +290,7 @@ def title_bars(ui: Mapping, specs: Mapping) -> list:
     for node in ui.get("nodes") or []:
         spec = specs.get(node.get("type"))
         box = node_box(node, spec)
-        title_w = min(box.w, text_width(node_title(node, spec), TITLE_PX) + 40)
+        title_w = box.w if is_collapsed(node) else min(box.w, text_width(node_title(node, spec), TITLE_PX) + 40)
         bars.append((_label(node, spec), (box.x, box.y, box.x + title_w, box.y + TITLE_HEIGHT)))
     for g in ui.get("groups") or []:
         gb = _group_box(g)
@@ -296,6 +365,27 @@ def model_hint_problems(ui: Mapping, specs: Mapping) -> list:
     return out
 
 
+def advanced_value_problems(ui: Mapping, specs: Mapping) -> list:
+    """A widget flagged ``advanced`` (folded away by frontends that fold advanced inputs) must hold its default:
+    what a workflow sets must stay in view."""
+    out = []
+    for node in ui.get("nodes") or []:
+        spec = specs.get(node.get("type"))
+        if spec is None or node.get("type") in VIRTUAL_NODES:
+            continue
+        try:
+            values = ui_widget_values(node, spec)
+        except WorkflowError:
+            continue  # reported by validation
+        for w in spec.widget_inputs:
+            folded = w.opts.get("advanced") and "default" in w.opts and w.name in values
+            if folded and values[w.name] != w.opts["default"]:
+                out.append(f"{_label(node, spec)}: {w.name} = {values[w.name]!r} differs from its default "
+                           f"{w.opts['default']!r}, but {w.name} is an advanced input that newer frontends fold "
+                           f"away; keep the default or show {w.name} (nodes/*.py)")
+    return out
+
+
 def thumbnail_problems(path: Path) -> list:
     """The template browser's card picture `<name>.jpg`: present, a JPEG, of sensible size, not a blank."""
     path = Path(path)
@@ -327,4 +417,5 @@ def layout_problems(ui: Mapping, specs: Mapping) -> list:
     """Every readability rule for one UI-format workflow; [] when a person can read it at a glance."""
     ui_links(ui)  # malformed links fail here, as in validation
     return (size_problems(ui, specs) + overlap_problems(ui, specs) + group_problems(ui, specs)
-            + first_view_problems(ui, specs) + note_problems(ui) + model_hint_problems(ui, specs))
+            + first_view_problems(ui, specs) + template_view_problems(ui, specs) + note_problems(ui)
+            + model_hint_problems(ui, specs) + advanced_value_problems(ui, specs))

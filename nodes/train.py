@@ -12,6 +12,9 @@ from .common import PIPE, category, dataset_folder, output_images, seed_input
 MAX_STEPS = 100_000
 # the seed's example prompt (the wrong LoRA's model card), used with `wrong` in the negative prompt
 VALIDATION_PROMPT = "realistic human Shrek blogging at a computer workstation, hyperrealistic award-winning photo"
+# optional inputs that stay in view where a frontend folds the advanced ones (see _advanced)
+TRAIN_LORA_SHOWN = ("recipe", "validation_prompt", "validation_steps")
+TRAIN_IP2P_SHOWN = ("rank", "recipe", "validation_image", "validation_prompt", "validation_steps")
 
 
 def lora_target(lora_name: str) -> tuple:
@@ -46,6 +49,15 @@ def _recipe_input(module) -> tuple:
     return (["custom", "seed", "script"], {"default": "custom", "tooltip":
             f"custom: the values set here. seed / script: {keys} take the seed's recipe or {module.SCRIPT}'s own "
             "defaults, whatever the widgets say (the other inputs still apply)."})
+
+
+def _advanced(inputs: dict, keep: tuple) -> dict:
+    """Flag the rarely changed inputs (all but `keep`) ``advanced``. comfyui-frontend 1.58 folds them behind the
+    node's "advanced inputs" button in its Vue node renderer and lists them apart in the properties panel; its
+    classic canvas and the pinned 1.35 show every widget as before. Names, order, defaults and values stay, so
+    saved workflows and API prompts are unchanged."""
+    return {name: entry if name in keep else (entry[0], {**entry[1], "advanced": True})
+            for name, entry in inputs.items()}
 
 
 def _apply_recipe(module, recipe: str, values: dict) -> dict:
@@ -109,7 +121,7 @@ class TrainLora:
             "resume": (["none", "latest"], {"default": "none", "tooltip":
                        "latest: continue from the newest complete checkpoint of this lora_name (refused if there "
                        "is none or it was made with other settings)."}),
-        }, "optional": {
+        }, "optional": _advanced({
             "recipe": _recipe_input(t),
             "alpha": _flt(0.0, 0.0, 1024.0, 0.5, "lora_alpha; 0 = rank (scale 1, as diffusers)."),
             "target_modules": ("STRING", {"default": "to_k,to_q,to_v,to_out.0", "tooltip":
@@ -190,7 +202,7 @@ class TrainLora:
                           "tensorboard: loss, lr, grad norm and validation images in "
                           "output/tunelab/train/<name>/logs (needs tensorboard)." + _from(t, "report_to")}),
             "save_diffusers_copy": _bool(False, "Also write <name>_diffusers.safetensors (diffusers keys)."),
-        }}
+        }, keep=TRAIN_LORA_SHOWN)}
 
     def train(self, pipe, dataset_path, lora_name, instance_prompt, max_train_steps, learning_rate, rank, resolution,
               train_batch_size, gradient_accumulation_steps, seed, resume="none", recipe="custom", alpha=0.0,
@@ -326,7 +338,7 @@ class TrainInstructPix2Pix:
             "resume": (["none", "latest"], {"default": "none", "tooltip":
                        "latest: continue from the newest complete checkpoint of this output_name (refused if there "
                        "is none or it was made with other settings)."}),
-        }, "optional": {
+        }, "optional": _advanced({
             "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (mode lora)."}),
             "alpha": _flt(0.0, 0.0, 1024.0, 0.5, "lora_alpha (mode lora); 0 = rank (scale 1)."),
             "target_modules": ("STRING", {"default": "to_k,to_q,to_v,to_out.0",
@@ -369,7 +381,7 @@ class TrainInstructPix2Pix:
             "report_to": (list(common.REPORT_TO), {"default": "none", "tooltip":
                           "tensorboard: loss, lr, grad norm and validation edits in "
                           "output/tunelab/train_ip2p/<name>/logs (needs tensorboard)." + _from(t, "report_to")}),
-        }}
+        }, keep=TRAIN_IP2P_SHOWN)}
 
     def train(self, pipe, dataset_path, mode, output_name, resolution, max_train_steps, train_batch_size,
               gradient_accumulation_steps, learning_rate, conditioning_dropout_prob, use_ema, seed, resume="none",

@@ -368,8 +368,9 @@ def test_shipped_workflow_is_readable(path, specs):
 
 
 # (class, title, width, height) that comfyui-frontend 1.35.9 and 1.58.1 computed for shipped nodes
-# (LGraphNode.computeSize, measured with tools/workflow_shots.py; both versions gave the same numbers). The first
-# two are the issue's long titles that widened their nodes over their neighbours.
+# (LGraphNode.computeSize, measured with tools/workflow_shots.py; both versions gave the same numbers; Train LoRA
+# and Instruct Evaluate re-measured after they grew new widgets, Train LoRA while expanded). The first two are the
+# issue's long titles that widened their nodes over their neighbours.
 MEASURED = [
     ("TuneLabInstructionDataset", "Held-out pairs: derain / denoise / deblur / low-light from the input folder",
      514.3, 440),
@@ -381,11 +382,11 @@ MEASURED = [
     ("TuneLabCompare", "Three-way comparison (base + refiner)", 300.9, 388), ("TuneLabGenerate", "Generate", 210, 266),
     ("TuneLabGenerate", "Generate (base -> refiner at 0.8)", 252.8, 266),
     ("TuneLabInstructEdit", "Instruct Edit (igs 1.5, gs 7.0, 20 steps)", 285.3, 282),
-    ("TuneLabInstructEvaluate", "Instruct Evaluate (PSNR / SSIM)", 249.1, 436),
+    ("TuneLabInstructEvaluate", "Instruct Evaluate (PSNR / SSIM / CLIP / DINOv2)", 357.3, 556),
     ("TuneLabInstructionDataset", "Held-out pairs: derain / denoise / deblur / low-light", 375.2, 440),
     ("TuneLabLoadLora", "Load the wrong LoRA", 210, 82),
     ("TuneLabLoadPipeline", "Fine-tuned: instruction-tuned low-level model", 342.9, 130),
-    ("TuneLabLoadPipeline", "Load SDXL base", 210, 130), ("TuneLabTrainLora", "2. Train the wrong LoRA", 268.6, 982),
+    ("TuneLabLoadPipeline", "Load SDXL base", 210, 130), ("TuneLabTrainLora", "2. Train the LoRA", 268.6, 1440),
     ("TuneLabWeightedPrompt", "Weighted prompt (compel syntax)", 264.3, 190),
     ("TuneLabWrongImageSynthesis", "TuneLab Wrong Image Synthesis", 257.3, 480),
 ]
@@ -475,6 +476,84 @@ def test_first_view_rules(specs):
     assert any("below 0.6" in p for p in wl.first_view_problems(ui, specs))
     del ui["extra"]["ds"]
     assert "no saved view" in wl.first_view_problems(ui, specs)[0]
+
+
+# Node rectangles (x, y, w, h, title bar included) of instruct_edit.json as comfyui-frontend 1.58.1 sized them, and
+# the view it opened that workflow with from the template browser (measured with tools/workflow_shots.py).
+FITTED_1_58 = {"rects": [(0, 370, 360, 160), (420, -30, 400, 360), (420, 370, 400, 360), (880, -30, 400, 390),
+                         (880, 400, 400, 180), (880, 620, 400, 290), (0, -30, 360, 360)],
+               "scale": 0.625, "offset": [384, 200]}
+
+
+def _boxes_ui(rects, kind="PreviewImage"):
+    nodes = [_node(i + 1, kind, pos=[x, y + wl.TITLE_HEIGHT], size=[w, h - wl.TITLE_HEIGHT])
+             for i, (x, y, w, h) in enumerate(rects)]
+    return {"nodes": nodes, "links": [], "groups": []}
+
+
+def test_template_view_is_the_frontends_fit(specs):
+    """1.58 ignores extra.ds when opening from the template browser and fits every node into 75% of the window."""
+    view = wl.template_view(_boxes_ui(FITTED_1_58["rects"]), specs)
+    assert view["scale"] == pytest.approx(FITTED_1_58["scale"], abs=1e-3)
+    assert view["offset"] == pytest.approx(FITTED_1_58["offset"], abs=0.5)
+
+
+def test_template_view_rules(specs):
+    ui = readable(build_ui(), specs)
+    assert wl.template_view_problems(ui, specs) == []
+    # a graph too wide for 1280 px at zoom 0.6: the newer frontend opens it with blank boxes
+    wide = copy.deepcopy(ui)
+    _ui_node(wide, 9)["pos"][0] = 2400
+    assert "fits every node at zoom" in wl.template_view_problems(wide, specs)[0]
+    # a group title above every node sits under the run bar once the graph is fitted
+    top = min(wl.node_box(n, specs.get(n["type"])).y for n in ui["nodes"])
+    grouped = copy.deepcopy(ui)
+    grouped["groups"] = [{"title": "above", "bounding": [0, top - 80, 300, 60]}]
+    problems = wl.template_view_problems(grouped, specs)
+    assert any("group 'above'" in p and "level with the top node's title" in p for p in problems)
+
+
+def test_a_collapsed_node_counts_as_its_title_and_opens_into_free_space(specs):
+    """A node too tall for the fitted view (TuneLab Train LoRA) is saved collapsed; the space it opens into must
+    be free, and its saved size must still hold its widgets."""
+    train = _node(1, "TuneLabTrainLora", pos=[0, 0], flags={"collapsed": True})
+    train["size"] = [round(v) + 1 for v in wl.estimated_size(train, specs["TuneLabTrainLora"])]
+    other = _node(2, "PreviewImage", pos=[0, 300], size=[200, 100])
+    ui = {"nodes": [train, other], "links": [], "groups": []}
+    box = wl.node_box(train, specs["TuneLabTrainLora"])
+    assert box.h == wl.TITLE_HEIGHT and box.w < 250
+    assert wl.node_box(train, specs["TuneLabTrainLora"], expanded=True).h > 1000
+    problems = wl.overlap_problems(ui, specs)
+    assert len(problems) == 1 and "is collapsed; expanded it would cover" in problems[0]
+    other["pos"] = [train["size"][0] + 40, 0]
+    assert wl.overlap_problems(ui, specs) == []
+    assert wl.template_view(ui, specs)["scale"] > 1  # the fitted view counts the pill, not the 1450 px node
+    train["size"][1] = 900
+    assert "saved height 900" in wl.size_problems(ui, specs)[0]
+    train["size"][1] += 1000
+    train["title"] = "2. Train the wrong LoRA"  # drawn collapsed as "2. Train the wrong L"
+    assert "cuts a collapsed node's title to 20 characters" in wl.size_problems(ui, specs)[0]
+
+
+def test_train_nodes_fold_only_rarely_changed_inputs(specs):
+    """Train LoRA / Train InstructPix2Pix flag their rarely changed optional inputs advanced (1.58's Vue nodes fold
+    them); every input keeps its tooltip, and what a shipped workflow sets is never folded away."""
+    from tunelab.nodes import train
+
+    for cls, shown in ((train.TrainLora, train.TRAIN_LORA_SHOWN), (train.TrainInstructPix2Pix, train.TRAIN_IP2P_SHOWN)):
+        types = cls.INPUT_TYPES()
+        assert not any(e[1].get("advanced") for e in types["required"].values())
+        folded = {name for name, e in types["optional"].items() if e[1].get("advanced")}
+        assert folded == set(types["optional"]) - set(shown) and len(folded) >= 20
+        assert all(e[1].get("tooltip") for section in types.values() for e in section.values())
+    ui = json.loads((WORKFLOWS_DIR / "train_wrong_lora.json").read_text())
+    assert wl.advanced_value_problems(ui, specs) == []
+    trainer = next(n for n in ui["nodes"] if n["type"] == "TuneLabTrainLora")
+    spec = specs["TuneLabTrainLora"]
+    i = sum(1 + w.ui_extra_values for w in spec.widget_inputs[:[w.name for w in spec.widget_inputs].index("use_dora")])
+    trainer["widgets_values"][i] = True
+    problems = wl.advanced_value_problems(ui, specs)
+    assert len(problems) == 1 and "use_dora = True differs from its default False" in problems[0]
 
 
 def test_model_hints_for_the_missing_models_dialog(specs):

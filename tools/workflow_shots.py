@@ -9,8 +9,9 @@ temporary custom_nodes folder, drives a headless Chromium over the DevTools prot
   shows its thumbnail, and opens the workflow by clicking its card, as a user does;
 - checks that the frontend's own API export (``app.graphToPrompt()``) equals ``workflows/api/<name>.json``;
 - measures, from the frontend's own graph objects after it has sized the nodes, whether any two node rectangles
-  (title bar included) overlap, and whether every node's title is on screen and not under the frontend's chrome
-  (tabs, workflow-name chip, sidebar, toasts: the point must hit the canvas itself);
+  (title bar included) overlap, also with its collapsed nodes opened, and whether every node's title is on screen
+  and drawn (not in low-detail mode) and not under the frontend's chrome (tabs, workflow-name chip, sidebar,
+  toasts: the point must hit the canvas itself);
 - with ``--shots DIR``: saves the template browser and the first view of each workflow as JPEG;
 - with ``--thumbnails``: renders each graph at 100% zoom on a large page and writes ``workflows/<name>.jpg``
   (the template browser's card picture), a square JPEG of THUMB px.
@@ -43,12 +44,16 @@ FIND = """(t => { const els = Array.from(document.querySelectorAll('button,[role
   const e = els[els.length - 1]; if (!e) return null; e.scrollIntoView({block: 'center'});
   const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })"""
 
-# The picture on the card of workflow `name` (cards hold blob: URLs, so find it from the card's title).
-CARD_IMAGE = """(name => { const t = Array.from(document.querySelectorAll('h3,h4,span,div,p'))
-  .find(e => e.childElementCount === 0 && (e.textContent || '').trim() === name && e.getClientRects().length);
-  for (let e = t; e; e = e.parentElement) { const img = e.querySelector('img');
-    if (img) return {src: img.src.slice(0, 80), w: img.naturalWidth, h: img.naturalHeight, done: img.complete}; }
-  return null; })"""
+# The picture on the card of workflow `name` (cards hold blob: URLs, so find it from the card's title). The card is
+# the largest ancestor of its title that holds no other card's title: a card still loading its picture must not
+# report its neighbour's. Returns {} for a card without a picture.
+CARD_IMAGE = """((name, names) => { const leaves = Array.from(document.querySelectorAll('h3,h4,span,div,p'))
+  .filter(e => e.childElementCount === 0 && names.includes((e.textContent || '').trim()) && e.getClientRects().length);
+  const t = leaves.find(e => (e.textContent || '').trim() === name); if (!t) return null;
+  let card = t; while (card.parentElement && leaves.filter(l => card.parentElement.contains(l)).length === 1) card = card.parentElement;
+  const img = card.querySelector('img'); if (!img) return {};
+  return {src: img.src.slice(0, 80), w: img.naturalWidth, h: img.naturalHeight, done: img.complete}; })"""
+PLACEHOLDER = "default-template"  # the frontend's stand-in picture for a card whose <name>.jpg is missing
 
 # Node rectangles (title bar included) and title visibility, from the frontend's own objects.
 MEASURE = """(() => {
@@ -87,11 +92,26 @@ MEASURE = """(() => {
 })()"""
 
 GRAPH_BOUNDS = """(() => { const TH = (window.LiteGraph && LiteGraph.NODE_TITLE_HEIGHT) || 30; let b = [1e9, 1e9, -1e9, -1e9];
-  for (const n of app.graph._nodes) { b = [Math.min(b[0], n.pos[0]), Math.min(b[1], n.pos[1] - TH),
-    Math.max(b[2], n.pos[0] + n.size[0]), Math.max(b[3], n.pos[1] + n.size[1])]; }
+  for (const n of app.graph._nodes) { const folded = !!(n.flags && n.flags.collapsed);
+    const w = folded ? (n._collapsed_width || 80) : n.size[0], h = folded ? 0 : n.size[1];
+    b = [Math.min(b[0], n.pos[0]), Math.min(b[1], n.pos[1] - TH), Math.max(b[2], n.pos[0] + w), Math.max(b[3], n.pos[1] + h)]; }
   for (const g of app.graph._groups || []) { const r = g._bounding || g.bounding; b = [Math.min(b[0], r[0]),
     Math.min(b[1], r[1]), Math.max(b[2], r[0] + r[2]), Math.max(b[3], r[1] + r[3])]; }
   return b; })()"""
+
+
+# Collapsed nodes open with one click: open them, read every node rectangle, and fold them again. Returns the
+# opened nodes (size and computeSize while open) and the pairs that overlap while they are open.
+EXPANDED = """(() => { const TH = (window.LiteGraph && LiteGraph.NODE_TITLE_HEIGHT) || 30;
+  const folded = app.graph._nodes.filter(n => n.flags && n.flags.collapsed); if (!folded.length) return {opened: [], overlaps: []};
+  folded.forEach(n => n.collapse()); const r = app.graph._nodes.map(n => { const c = !!(n.flags && n.flags.collapsed);
+    return {id: n.id, x: n.pos[0], y: n.pos[1] - TH, w: c ? (n._collapsed_width || 80) : n.size[0], h: (c ? 0 : n.size[1]) + TH,
+            opened: folded.includes(n), computed: folded.includes(n) ? Array.from(n.computeSize()) : null}; });
+  folded.forEach(n => n.collapse()); app.canvas.setDirty(true, true);
+  const out = []; for (const a of r) if (a.opened) for (const b of r) { if (b === a) continue;
+    const ox = Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x), oy = Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y);
+    if (ox > 0 && oy > 0) out.push({a: a.id, b: b.id, dx: ox, dy: oy, size: [a.w, a.h - TH]}); }
+  return {opened: r.filter(a => a.opened).map(a => ({id: a.id, size: [a.w, a.h - TH], computed: a.computed})), overlaps: out}; })()"""
 
 
 def workflow_names(folder: Path) -> list:
@@ -149,14 +169,14 @@ def open_category(page):
     raise BrowserError(f"the template browser shows no '{CATEGORY}' category")
 
 
-def open_from_templates(page, name: str, expected_nodes: int, dialog_shot=None) -> dict:
+def open_from_templates(page, name: str, expected_nodes: int, dialog_shot=None, names=()) -> dict:
     """Open `name` by clicking its card; return the card's picture as the browser loaded it."""
     open_category(page)
     card = page.wait_js(FIND + f"('{name}')", 30, f"the card of {name}")
     image = None
     for _ in range(20):  # the browser fetches card pictures lazily
-        image = page.js(CARD_IMAGE + f"('{name}')")
-        if image and image["done"] and image["w"]:
+        image = page.js(CARD_IMAGE + f"({json.dumps(name)}, {json.dumps(sorted(set(names) | {name}))})")
+        if image and image.get("done") and image.get("w") and PLACEHOLDER not in image["src"]:
             break
         time.sleep(0.5)
     page.click(*card)
@@ -185,13 +205,24 @@ def prompt_differences(page, twin: Path) -> list:
     return out
 
 
+def thumb_label(img) -> str:
+    if not img or not img.get("w"):
+        return "none"
+    return "placeholder" if PLACEHOLDER in img["src"] else f"{img['w']}x{img['h']}"
+
+
 def check_view(name: str, m: dict, card: dict) -> list:
     problems = []
     img = card.get("image")
     if not img or not img.get("w"):
         problems.append("the card shows no thumbnail" + (f" ({img['src']} did not load)" if img else ""))
+    elif PLACEHOLDER in img["src"]:
+        problems.append(f"the card shows the frontend's placeholder ({img['src']}): no {name}.jpg")
     for o in m["overlaps"]:
         problems.append(f"nodes {o['a']} and {o['b']} overlap by {o['dx']:.0f} x {o['dy']:.0f} px")
+    for o in (m.get("expanded") or {}).get("overlaps") or []:
+        problems.append(f"collapsed node {o['a']}, once expanded ({o['size'][0]:.0f} x {o['size'][1]:.0f}), overlaps "
+                        f"node {o['b']} by {o['dx']:.0f} x {o['dy']:.0f} px")
     for n in m["nodes"]:
         if not n["title_visible"]:
             problems.append(f"node {n['id']} '{n['title']}': title not visible (under {n['covered_by']})")
@@ -228,7 +259,8 @@ def thumbnail(page, path: Path, margin: int = 480):
 
 def run(args) -> int:
     folder = Path(args.workflows)
-    names = [n for n in workflow_names(folder) if not args.only or n in args.only]
+    all_names = workflow_names(folder)
+    names = [n for n in all_names if not args.only or n in args.only]
     counts = {n: len(json.loads((folder / f"{n}.json").read_text())["nodes"]) for n in names}
     failures, report = 0, {}
     shots = Path(args.shots) if args.shots else None
@@ -241,15 +273,16 @@ def run(args) -> int:
         for name in names:
             page.viewport(args.width, args.height)
             card = open_from_templates(page, name, counts[name],
-                                       shots / f"{tag}-{name}-dialog.jpg" if shots else None)
+                                       shots / f"{tag}-{name}-dialog.jpg" if shots else None, names=all_names)
             m = page.js(MEASURE)
+            m["expanded"] = page.js(EXPANDED)
             problems = check_view(name, m, card) + prompt_differences(page, folder / "api" / f"{name}.json")
             failures += bool(problems)
             report[name] = {"measure": m, "card": card, "problems": problems}
             hidden = sum(not n["title_visible"] for n in m["nodes"])
             print(f"{'FAIL' if problems else 'ok  '} {name}: {len(m['nodes'])} nodes, {len(m['overlaps'])} "
                   f"overlap(s), {hidden} title(s) hidden, zoom {m['scale']:.2f}, thumbnail "
-                  f"{'%dx%d' % (card['image']['w'], card['image']['h']) if card['image'] and card['image']['w'] else 'none'}"
+                  f"{thumb_label(card['image'])}"
                   f"{', closed: ' + '; '.join(card['dialogs']) if card['dialogs'] else ''}")
             for p in problems:
                 print(f"     {p}")
