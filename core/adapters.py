@@ -11,8 +11,19 @@ own adapter methods. Used by the LoRA loader (`lora.py`) and both trainers (`tra
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Iterable, Optional
+
+
+@contextlib.contextmanager
+def peft_notes_quiet():
+    """Hide peft's notes that a model now holds several adapters and that deleting the active one activated
+    another: both are how TuneLab works (one adapter per file; `lora.activate` picks the stack before each run)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+        warnings.filterwarnings("ignore", message=".*which is now deleted.*")
+        yield
 
 
 def _is_diffusers_model(model) -> bool:
@@ -59,15 +70,14 @@ def add(model, config, name: str, state_dict: Optional[dict] = None) -> None:
     fill it. Raises ValueError when the name is taken, a target is missing, or the weights do not fit."""
     if name in names(model):
         raise ValueError(f"an adapter named {name} already exists")
-    if _is_diffusers_model(model):
-        model.add_adapter(config, adapter_name=name)
-    else:
-        from peft import inject_adapter_in_model
+    with peft_notes_quiet():
+        if _is_diffusers_model(model):
+            model.add_adapter(config, adapter_name=name)
+        else:
+            from peft import inject_adapter_in_model
 
-        with warnings.catch_warnings():  # peft's note that the model already holds adapters: that is the point
-            warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
             inject_adapter_in_model(config, model, adapter_name=name)
-        model._hf_peft_config_loaded = True  # what diffusers' helpers check before they touch peft_config
+            model._hf_peft_config_loaded = True  # what diffusers' helpers check before they touch peft_config
     if state_dict is not None:
         try:
             _fill(model, state_dict, name)
@@ -100,11 +110,10 @@ def set_active(model, active: Iterable[str]) -> None:
 
 def delete(model, name: str) -> None:
     """Remove the adapter `name` from `model` (its weights and its config entry)."""
-    if _is_diffusers_model(model):
-        model.delete_adapters(name)
-        return
-    with warnings.catch_warnings():  # "Adapter X was active which is now deleted": the caller picks the next
-        warnings.filterwarnings("ignore", message=".*which is now deleted.*")
+    with peft_notes_quiet():
+        if _is_diffusers_model(model):
+            model.delete_adapters(name)
+            return
         for layer in _tuner_layers(model):
             layer.delete_adapter(name)
     cfg = getattr(model, "peft_config", None)

@@ -252,8 +252,9 @@ def _apply(handle: PipeHandle, state_dict: dict, adapter: str, name: str, metada
     try:
         unet_sd = {k: v for k, v in converted.items() if k.startswith(f"{unet_prefix}.")}
         if unet_sd:
-            type(pipe).load_lora_into_unet(unet_sd, network_alphas=network_alphas or None, unet=pipe.unet,
-                                           adapter_name=adapter, _pipeline=pipe)
+            with adapters.peft_notes_quiet():
+                type(pipe).load_lora_into_unet(unet_sd, network_alphas=network_alphas or None, unet=pipe.unet,
+                                               adapter_name=adapter, _pipeline=pipe)
         for comp in ("text_encoder", "text_encoder_2"):
             model = getattr(pipe, comp, None)
             if comp not in parts or model is None:

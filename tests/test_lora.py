@@ -261,3 +261,24 @@ def test_text_encoder_adapters_follow_the_stack_and_are_removed(te_lora):
     assert torch.equal(encode(base, "a fox", "wrong").embeds, before)
     again = lora.load(base, te_lora["files"]["standard_kohya"], 0.5)  # and it loads again after removal
     assert again.loras[0].adapter == adapter and adapter in lora.loaded_adapters(pipe)
+
+
+def test_several_loras_load_and_go_without_peft_notes(te_lora, tmp_path):
+    """A second file on the same pipe, and removing the active one, are how TuneLab works: peft's notes about both
+    ("Already found a `peft_config`", "was active which is now deleted") are not shown; the stacks still apply."""
+    import warnings
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from tunelab.core import tiny
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny.ensure("tiny-sdxl")), local_files_only=True)
+    base = _handle(pipe)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first = lora.load(base, te_lora["files"]["standard_kohya"], 1.0)
+        second = lora.load(base, te_lora["files"]["tunelab_diffusers_copy"], 1.0)
+        lora.activate(first)
+        lora.remove(pipe, first.loras[0].adapter)
+    notes = [str(w.message) for w in seen if "peft_config" in str(w.message) or "now deleted" in str(w.message)]
+    assert notes == [] and lora.loaded_adapters(pipe) == {second.loras[0].adapter}
