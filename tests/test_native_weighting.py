@@ -31,10 +31,20 @@ def test_split_prompts_equal_compel_main_and_style(tiny_sdxl, encoders_of, pos_g
                                                 negative_style_prompt=neg_g)
     except AttributeError:  # compel#78: a weighted .and() on CLIP-G; the plain case is covered elsewhere
         pytest.skip("compel crashes on this form (compel#78)")
+    except RuntimeError as e:  # compel 2.2 pads a shorter CLIP-G side with a batch of one, then cannot concatenate
+        if "Sizes of tensors must match" not in str(e) or _compel_version() >= (2, 3):
+            raise
+        pytest.skip(f"compel {_compel_version()} cannot pad a shorter style prompt; later compel can")
     ref = (out.embeds, out.negative_embeds, out.pooled_embeds, out.negative_pooled_embeds)
     for a, b in zip(got, ref):
         assert a.shape == b.shape
         assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+
+
+def _compel_version() -> tuple:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("compel").split(".")[:2])
 
 
 class Recorder:
