@@ -130,19 +130,26 @@ def open_clip_to_ldm(sd: dict, prefix: str) -> dict:
     return out
 
 
+def base_weights(model) -> dict:
+    """`model.state_dict()` without LoRA adapters: peft's wrappers hold the base weight as `<module>.base_layer.*`
+    (a shared test pipe keeps the adapters other tests loaded)."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+            if ".lora_" not in k and "lora_magnitude_vector" not in k}
+
+
 def pipeline_to_ldm(pipe) -> dict:
     """The whole checkpoint of an SDXL base / refiner / SD1.x / InstructPix2Pix pipeline, as one flat dict."""
     out = {}
-    out.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
-    out.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    out.update(unet_to_ldm(base_weights(pipe.unet), pipe.unet.config))
+    out.update(vae_to_ldm(base_weights(pipe.vae), pipe.vae.config))
     te1, te2 = getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)
     if te2 is not None:  # SGM layout: embedders.0 is CLIP-L (base only), the last one is OpenCLIP bigG
         last = 1 if te1 is not None else 0
-        out.update(open_clip_to_ldm(te2.state_dict(), f"conditioner.embedders.{last}.model."))
+        out.update(open_clip_to_ldm(base_weights(te2), f"conditioner.embedders.{last}.model."))
         if te1 is not None:
-            out.update(clip_to_ldm(te1.state_dict(), "conditioner.embedders.0.transformer."))
+            out.update(clip_to_ldm(base_weights(te1), "conditioner.embedders.0.transformer."))
     else:
-        out.update(clip_to_ldm(te1.state_dict(), "cond_stage_model.transformer."))
+        out.update(clip_to_ldm(base_weights(te1), "cond_stage_model.transformer."))
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
