@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 from . import progress as progress_mod
 from . import statistics
 from .errors import TuneLabError
-from .files import write_text_atomic
+from .files import remove_temps, write_text_atomic
 
 FORMAT = "tunelab-evaluation/1"
 PLAN_FILE = "plan.json"
@@ -85,7 +85,6 @@ PROBE_PROMPTS = (
 PROMPT_SETS = {"woolf": WOOLF_PROMPTS, "woolf-20": WOOLF_PROMPTS + PROBE_PROMPTS}
 DEFAULT_PROMPT_SET = "woolf"
 DEFAULT_SEEDS = (0, 1, 2, 3)
-_TEMP = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # files.atomic_path's temporary names
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,16 +291,7 @@ def read_record(folder: Path, cell: Cell, metrics: Sequence[str], width: int, he
 
 
 def _remove_temps(folder: Path, owns) -> list:
-    removed = []
-    for d in (folder, folder / CELLS_DIR, folder / "grids"):
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            m = _TEMP.match(p.name)
-            if m and p.is_file() and owns(m.group(1)):
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
+    return remove_temps((folder, folder / CELLS_DIR, folder / "grids"), owns)
 
 
 def _owner(shard: tuple):

@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import struct
 import uuid
 from pathlib import Path
@@ -85,6 +86,24 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_TEMP = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # atomic_path's temporary names: .<final name>.<random>.tmp
+
+
+def remove_temps(folders, owns) -> list:
+    """Delete the temporaries atomic_path left in `folders` when its writer was killed, those whose final name
+    `owns(name)` accepts (a shard removes only its own: another shard may be writing right now). Returns them."""
+    removed = []
+    for d in map(Path, folders):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            m = _TEMP.match(p.name)
+            if m and p.is_file() and owns(m.group(1)):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def write_text_atomic(final: str | os.PathLike, text: str) -> None:

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 from . import progress as progress_mod
 from .errors import TuneLabError
-from .files import write_text_atomic
+from .files import remove_temps, write_text_atomic
 
 DEFAULT_KEYWORDS = ("low quality", "bad hands", "random text", "error", "missing or extra fingers", "cropped",
                     "jpeg artifacts", "signature", "watermark", "blurry", "ugly", "duplicate", "mutilated")
@@ -55,7 +55,6 @@ SEED_RANGE = 1 << 32  # per-image seeds, small enough for every JSON reader (the
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _PLACEHOLDERS = ("keyword", "keywords", "subject")
 _BOOST = re.compile(r"^(?:\++|-+|\d+(?:\.\d+)?)?$")
-_TEMP = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # files.atomic_path's temporary names: .<final name>.<random>.tmp
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,21 +387,6 @@ def _append_line(path: Path, line: dict) -> None:
         os.close(fd)
 
 
-def _remove_temps(folder: Path, owns) -> list:
-    """Delete leftovers of a killed writer whose final name `owns(name)` accepts (only this shard's own files,
-    since another shard may be writing its temporaries right now)."""
-    removed = []
-    for d in (folder, folder / PARTS_DIR):
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            m = _TEMP.match(p.name)
-            if m and p.is_file() and owns(m.group(1)):
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
-
-
 def _owner(shard: tuple):
     i, n = shard
 
@@ -492,7 +476,7 @@ def merge(folder, *, clean: bool = True, input_name: str = "out") -> Report:
                            input_name=input_name)
     report = Report(folder=folder, count=doc["count"], kind="merge")
     if clean:
-        report.removed = _remove_temps(folder, lambda name: name in (METADATA_FILE, PLAN_FILE))
+        report.removed = remove_temps((folder, folder / PARTS_DIR), lambda name: name in (METADATA_FILE, PLAN_FILE))
     done, lines, _ = _scan(folder, doc)
     report.missing = sorted(set(range(doc["count"])) - done)
     if report.missing:
@@ -571,7 +555,7 @@ def run(folder, handle, plan: Plan, *, steps: int, width: int, height: int, refi
 
     i, n = shard
     report = Report(folder=folder, count=len(plan), shard=shard)
-    report.removed = _remove_temps(folder, _owner(shard))
+    report.removed = remove_temps((folder, folder / PARTS_DIR), _owner(shard))
     mine = [e for e in plan.entries if e.index % n == i]
     lines_by_index = {d["index"]: d for d in doc["entries"]}
     own = part_path(folder, shard)
