@@ -52,6 +52,27 @@ def check_number(value, name: str, lo: float = -math.inf, hi: float = math.inf, 
     return float(value)
 
 
+def number_list(value, name: str, lo: float, hi: float, *, example: str, distinct: bool = False) -> list:
+    """"8,9,10" / "8 9 10" / [8, 9, 10] -> [8.0, 9.0, 10.0], each finite and in [lo, hi]; with `distinct`, repeats
+    are dropped (order kept). An empty value gives []: the caller says whether that is allowed."""
+    import re
+
+    parts = re.split(r"[,\s;]+", value.strip()) if isinstance(value, str) else list(value or ())
+    out = []
+    for p in parts:
+        if p == "":
+            continue
+        try:
+            v = float(p)
+        except (TypeError, ValueError):
+            raise TuneLabError(f"'{p}' is not a number; give values like {example}", input_name=name) from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise TuneLabError(f"{p} is out of range; use {lo:g}..{hi:g}", input_name=name)
+        if not (distinct and v in out):
+            out.append(v)
+    return out
+
+
 def _span(lo, hi, lo_open, hi_open) -> str:
     if math.isinf(lo) and math.isinf(hi):
         return "(not NaN or infinity)"

@@ -491,22 +491,9 @@ MAX_SWEEP_SETTINGS = 64
 
 def parse_guidance_values(value, input_name: str) -> list:
     """"1, 1.5, 2" / [1, 1.5] -> distinct floats in 0..MAX_GUIDANCE, in order."""
-    import re
+    from .checks import number_list
 
-    parts = re.split(r"[,\s;]+", value.strip()) if isinstance(value, str) else list(value or ())
-    out = []
-    for p in parts:
-        if p == "":
-            continue
-        try:
-            v = float(p)
-        except (TypeError, ValueError):
-            raise TuneLabError(f"'{p}' is not a number; give values like 1, 1.5, 2", input_name=input_name) from None
-        if not math.isfinite(v) or not 0 <= v <= MAX_GUIDANCE:
-            raise TuneLabError(f"{p} is out of range; use 0..{MAX_GUIDANCE:g}", input_name=input_name)
-        if v not in out:
-            out.append(v)
-    return out
+    return number_list(value, input_name, 0.0, MAX_GUIDANCE, example="1, 1.5, 2", distinct=True)
 
 
 @dataclass

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import progress as progress_mod
+from .checks import number_list
 from .errors import TuneLabError
 from .files import remove_temps, write_text_atomic
 
@@ -122,19 +122,7 @@ def parse_lines(text) -> list:
 
 def parse_guidance(value) -> list:
     """"8,9,10" / "8 9 10" / [8, 9, 10] -> [8.0, 9.0, 10.0]."""
-    parts = re.split(r"[,\s;]+", value.strip()) if isinstance(value, str) else list(value or ())
-    out = []
-    for p in parts:
-        if p == "":
-            continue
-        try:
-            g = float(p)
-        except (TypeError, ValueError):
-            raise TuneLabError(f"'{p}' is not a number; give guidance values like 8,9,10,11,12,13",
-                               input_name="guidance") from None
-        if not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
-            raise TuneLabError(f"{p} is out of range; use 0..{MAX_GUIDANCE:g}", input_name="guidance")
-        out.append(g)
+    out = number_list(value, "guidance", 0.0, MAX_GUIDANCE, example="8,9,10,11,12,13")
     if not out:
         raise TuneLabError("no guidance values; give at least one, e.g. 8,9,10,11,12,13", input_name="guidance")
     return out
