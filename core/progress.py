@@ -8,6 +8,7 @@ supplies a subclass backed by `comfy.utils.ProgressBar` and its interrupt flag, 
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -33,16 +34,20 @@ def _fmt_rate(rate: float) -> str:
 
 class RateLog:
     """Lines like `synthesis: 60/120 (50%), 4.1/s, elapsed 14s, ETA 14s, 00011.png` each time the count crosses
-    another `every` percent (and at the end). The rate is measured from the first update on, so a resumed run's
-    initial jump (training from a checkpoint) does not inflate it."""
+    another `every` percent (and at the end), at most one line per `min_interval` seconds between the first and
+    the last, so sub-second work writes two lines, not twenty. The rate is measured from the first update on, so a
+    resumed run's initial jump (training from a checkpoint) does not inflate it."""
 
     def __init__(self, total: int, desc: str = "", *, write: Optional[Callable[[str], None]] = None,
-                 every: int = LOG_EVERY_PERCENT, clock: Callable[[], float] = time.monotonic):
+                 every: int = LOG_EVERY_PERCENT, min_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.total, self.desc = max(int(total), 1), desc or "progress"
         self.write, self.every, self.clock = write or _to_stderr, max(1, int(every)), clock
         self.start = clock()
         self._base: Optional[tuple] = None  # (time, value) of the first update
+        self.min_interval = float(min_interval)
         self._bucket = -1
+        self._last = -math.inf  # when the last line was written
         self.lines = 0
 
     def update_to(self, value: int, info: Optional[str] = None) -> Optional[str]:
@@ -56,6 +61,9 @@ class RateLog:
             return None
         if value == self.total and self._bucket == 100 // self.every + 1:
             return None  # the final line was written already
+        if value < self.total and now - self._last < self.min_interval:
+            return None  # too soon after the last line; the next due update writes
+        self._last = now
         self._bucket = bucket if value < self.total else 100 // self.every + 1
         t0, v0 = self._base
         done, spent = value - v0, now - t0

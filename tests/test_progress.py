@@ -68,7 +68,7 @@ def test_comfyui_bar_writes_no_lines(monkeypatch):
 def test_synth_writes_progress_lines_to_a_log_while_it_runs(tmp_path):
     log_path = tmp_path / "synth.log"
     cmd = [sys.executable, "-m", "tunelab", "synth", "--out", str(tmp_path / "ds"), "--keywords", "a", "b", "c",
-           "--guidance", "8", "9", "10", "--device", "cpu"]
+           "--guidance", "8", "9", "10", "--steps", "60", "--device", "cpu"]  # ~5 s of work
     seen_while_running = []
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ})
@@ -86,6 +86,16 @@ def test_synth_writes_progress_lines_to_a_log_while_it_runs(tmp_path):
     assert seen_while_running, "no progress line was written before synth finished"
     lines = [ln for ln in log_path.read_text().splitlines() if ln.startswith("synthesis: ")]
     values = [int(LINE.match(ln).group("value")) for ln in lines]
-    assert values == sorted(values) and values[-1] == 36 == int(LINE.match(lines[-1]).group("total"))
-    assert 10 <= len(lines) <= 22
+    assert values == sorted(values) and values[-1] == 9 * 60 == int(LINE.match(lines[-1]).group("total"))
+    assert 4 <= len(lines) <= 22  # 9 images x 60 steps; every 5 %, at most one line a second
     assert any("/s" in ln and "ETA" in ln for ln in lines)
+
+
+def test_quick_work_writes_the_first_and_the_last_line_only():
+    now = [0.0]
+    lines = []
+    log = progress.RateLog(20, "generate", write=lines.append, clock=lambda: now[0])
+    for i in range(1, 21):
+        now[0] += 0.015  # a 0.3 s job: every 5 % is due, none a second after the last line
+        log.update_to(i)
+    assert [LINE.match(line).group("value") for line in lines] == ["1", "20"]
