@@ -26,6 +26,26 @@ def size_input(name: str, default: int = 1024):
                     "tooltip": f"Image {name} in pixels; must be a multiple of 8 (one latent cell is 8 pixels)."})
 
 
+def steps_input(tooltip: str = "Denoising steps.", default: int = 50):
+    from ..core import sampling
+
+    return ("INT", {"default": default, "min": 1, "max": sampling.MAX_STEPS, "tooltip": tooltip})
+
+
+def guidance_input(tooltip: str = "Classifier-free guidance (13 in the wrong-LoRA notebooks).", default: float = 13.0):
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": tooltip})
+
+
+def scheduler_input(tooltip: str = "diffusers scheduler."):
+    from ..core import sampling
+
+    return (list(sampling.SCHEDULERS), {"default": "default", "tooltip": tooltip})
+
+
+def high_noise_frac_input(tooltip: str = "With a refiner: fraction of denoising done by the base."):
+    return ("FLOAT", {"default": 0.8, "min": 0.05, "max": 0.95, "step": 0.05, "tooltip": tooltip})
+
+
 def dataset_folder(text: str, input_name: str, *, marker: str | None = None):
     """A dataset folder confined to ComfyUI's output or input directory: a name relative to either (output first)
     or an absolute path inside one of them (what dataset nodes output). With `marker`, only a folder holding that

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from .. import host
-from ..core import compare, sampling
-from .common import PIPE, STATES, category, output_images, run_folder, seed_input, size_input
+from ..core import compare
+from .common import (PIPE, STATES, category, guidance_input, high_noise_frac_input, output_images, run_folder,
+                     scheduler_input, seed_input, size_input, steps_input)
 
 LORA_ON = {"both branches": "both", "negative branch only": "negative"}
 
@@ -74,14 +75,12 @@ class Compare:
             "negative": ("STRING", {"default": compare.DEFAULT_NEGATIVE,
                                     "tooltip": "Negative for the default states 2 and 3."}),
             "seed": seed_input("One seed for every panel, re-used for the refiner stage."),
-            "steps": ("INT", {"default": 50, "min": 1, "max": sampling.MAX_STEPS, "tooltip": "Denoising steps."}),
-            "guidance": ("FLOAT", {"default": 13.0, "min": 0.0, "max": 30.0, "step": 0.5,
-                                   "tooltip": "Classifier-free guidance (13 in the wrong-LoRA notebooks)."}),
+            "steps": steps_input(),
+            "guidance": guidance_input(),
             "width": size_input("width"),
             "height": size_input("height"),
-            "scheduler": (list(sampling.SCHEDULERS), {"default": "default", "tooltip": "diffusers scheduler."}),
-            "high_noise_frac": ("FLOAT", {"default": 0.8, "min": 0.05, "max": 0.95, "step": 0.05,
-                                "tooltip": "With a refiner: fraction of denoising done by the base."}),
+            "scheduler": scheduler_input(),
+            "high_noise_frac": high_noise_frac_input(),
             "output_name": ("STRING", {"default": "tunelab/compare", "tooltip":
                             "Folder under ComfyUI's output directory; each run writes a timestamped subfolder "
                             "with grid.png, 01.png.. and settings.json."}),

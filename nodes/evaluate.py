@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from .. import host
-from ..core import compare, evaluation, sampling, statistics
+from ..core import compare, evaluation, statistics
 from ..core.errors import TuneLabError
 from ..core.files import confined_path
-from .common import PIPE, STATES, category, output_images, size_input
+from .common import (PIPE, STATES, category, guidance_input, high_noise_frac_input, output_images, scheduler_input,
+                     size_input, steps_input)
 from .compare import refiner_mode_input
 
 CUSTOM = "custom (prompts below)"
@@ -49,14 +50,12 @@ class ScoreComparison:
             "default_states": states,
             "negative": ("STRING", {"default": compare.DEFAULT_NEGATIVE,
                                     "tooltip": "Negative prompt of the _negative states."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": sampling.MAX_STEPS, "tooltip": "Denoising steps."}),
-            "guidance": ("FLOAT", {"default": 13.0, "min": 0.0, "max": 30.0, "step": 0.5,
-                                   "tooltip": "Classifier-free guidance (13 in the wrong-LoRA notebooks)."}),
+            "steps": steps_input(),
+            "guidance": guidance_input(),
             "width": size_input("width"),
             "height": size_input("height"),
-            "scheduler": (list(sampling.SCHEDULERS), {"default": "default", "tooltip": "diffusers scheduler."}),
-            "high_noise_frac": ("FLOAT", {"default": 0.8, "min": 0.05, "max": 0.95, "step": 0.05,
-                                "tooltip": "With a refiner: fraction of denoising done by the base."}),
+            "scheduler": scheduler_input(),
+            "high_noise_frac": high_noise_frac_input(),
             "refiner_mode": refiner_mode_input(),
             "clip_model": (["none"] + host.scorer_choices("clip"), {"default": "tiny-clip", "tooltip":
                            "CLIP model for the CLIP score: a transformers folder in models/scorers (e.g. "

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .. import host
 from ..core import sampling
-from .common import COND, PIPE, category, seed_input, size_input
+from .common import (COND, PIPE, category, guidance_input, high_noise_frac_input, scheduler_input, seed_input,
+                     size_input, steps_input)
 
 
 class Generate:
@@ -21,16 +22,12 @@ class Generate:
             "pipe": (PIPE, {"tooltip": "The model (with its LoRA stack) to sample with."}),
             "conditioning": (COND, {"tooltip": "Prompt and negative encoded by TuneLab Weighted Prompt with this pipe."}),
             "seed": seed_input(),
-            "steps": ("INT", {"default": 50, "min": 1, "max": sampling.MAX_STEPS,
-                              "tooltip": "Denoising steps (the notebooks use diffusers' default, 50)."}),
-            "guidance": ("FLOAT", {"default": 13.0, "min": 0.0, "max": 30.0, "step": 0.5,
-                                   "tooltip": "Classifier-free guidance. 13 works best with the wrong LoRA (Max Woolf)."}),
+            "steps": steps_input("Denoising steps (the notebooks use diffusers' default, 50)."),
+            "guidance": guidance_input("Classifier-free guidance. 13 works best with the wrong LoRA (Max Woolf)."),
             "width": size_input("width"),
             "height": size_input("height"),
-            "scheduler": (list(sampling.SCHEDULERS), {"default": "default",
-                          "tooltip": "diffusers scheduler; 'default' keeps the pipeline's own."}),
-            "high_noise_frac": ("FLOAT", {"default": 0.8, "min": 0.05, "max": 0.95, "step": 0.05,
-                                "tooltip": "With a refiner: fraction of denoising done by the base model."}),
+            "scheduler": scheduler_input("diffusers scheduler; 'default' keeps the pipeline's own."),
+            "high_noise_frac": high_noise_frac_input("With a refiner: fraction of denoising done by the base model."),
         }, "optional": {
             "refiner": (PIPE, {"tooltip": "Optional SDXL refiner pipe; the prompt is re-encoded for it."}),
         }}

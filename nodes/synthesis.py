@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from .. import host
-from ..core import sampling, synthesis
+from ..core import synthesis
 from ..core.files import confined_path
-from .common import PIPE, category, output_images, seed_input, size_input
+from .common import PIPE, category, output_images, seed_input, size_input, steps_input
 
 MAX_PREVIEW = 64
 
@@ -44,8 +44,7 @@ class WrongImageSynthesis:
                                   "tooltip": "Images per (keyword, subject, guidance), each with its own seed."}),
             "seed": seed_input("Base seed; every image's seed is derived from it and the image's index, so any "
                                "image can be regenerated alone. Keep it fixed to resume.", default=0),
-            "steps": ("INT", {"default": 50, "min": 1, "max": sampling.MAX_STEPS,
-                              "tooltip": "Denoising steps (the seed used diffusers' default, 50)."}),
+            "steps": steps_input("Denoising steps (the seed used diffusers' default, 50)."),
             "width": size_input("width"),
             "height": size_input("height"),
             "instance_prompt": ("STRING", {"default": synthesis.DEFAULT_INSTANCE_PROMPT,
