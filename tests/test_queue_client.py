@@ -694,7 +694,13 @@ def test_reports_are_downloaded_and_previews_only_when_asked(fake, tmp_path, cap
     assert len(list(out2.iterdir())) == 5
 
 
-def test_progress_lines_every_few_percent(fake, tmp_path, capsys):
+def test_progress_lines_every_few_percent(fake, tmp_path, capsys, monkeypatch):
+    import functools
+
+    from tunelab.core import progress
+
+    # 60 quick steps: lift the one-line-a-second floor (tests/test_progress.py covers it) to see every 5 %
+    monkeypatch.setattr(progress, "RateLog", functools.partial(progress.RateLog, min_interval=0.0))
     graph = {"1": {"inputs": {"n": 60}, "class_type": "Steps", "_meta": {"title": "Work"}}}
     fake.step_seconds = 0.001
     assert cli.main(["queue", str(_write(tmp_path, graph)), "--server", fake.url, "--no-download"]) == 0
