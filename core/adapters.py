@@ -32,10 +32,11 @@ def _is_diffusers_model(model) -> bool:
     return isinstance(model, ModelMixin)
 
 
-def _tuner_layers(model) -> list:
+def tuner_layers(*models) -> list:
+    """Every peft adapter layer (LoRA, DoRA ...) in `models`, in module order."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 def names(model) -> list[str]:
@@ -102,7 +103,7 @@ def set_active(model, active: Iterable[str]) -> None:
     active = list(active)
     if _is_diffusers_model(model):
         model.set_adapter(active if len(active) != 1 else active[0])
-    for layer in _tuner_layers(model):
+    for layer in tuner_layers(model):
         if not _is_diffusers_model(model):
             layer.set_adapter(active)
         layer.enable_adapters(True)
@@ -114,7 +115,7 @@ def delete(model, name: str) -> None:
         if _is_diffusers_model(model):
             model.delete_adapters(name)
             return
-        for layer in _tuner_layers(model):
+        for layer in tuner_layers(model):
             layer.delete_adapter(name)
     cfg = getattr(model, "peft_config", None)
     if isinstance(cfg, dict):

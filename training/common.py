@@ -807,12 +807,6 @@ def _checkpointing(module) -> bool:
     return bool(getattr(module, name, False))
 
 
-def _adapter_layers(model):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
 def activate_adapter(model, name: str = TRAIN_ADAPTER) -> None:
     """Make `name` the only active adapter of `model`, enabled, with its weights trainable."""
     adapters.set_active(model, [name])
@@ -828,7 +822,7 @@ def training_adapter(model, config, name: str = TRAIN_ADAPTER, input_name: str =
     `core.adapters` so transformers' PEFT version gate plays no part), make it the only active one, and on exit
     delete it and restore the adapters that were there before (active set, enabled or not).
     The base weights' requires_grad is the caller's business (use `preserved`)."""
-    layers_before = _adapter_layers(model)
+    layers_before = adapters.tuner_layers(model)
     was_enabled = not any(getattr(layer, "disable_adapters", False) for layer in layers_before)
     was_active = list(layers_before[0].active_adapters) if layers_before else []
     if name in adapters.names(model):  # left by a run that crashed without cleaning up
@@ -847,7 +841,7 @@ def training_adapter(model, config, name: str = TRAIN_ADAPTER, input_name: str =
             active = [a for a in was_active if a in others] or others[:1]
             with contextlib.suppress(Exception):
                 adapters.set_active(model, active)
-            for layer in _adapter_layers(model):
+            for layer in adapters.tuner_layers(model):
                 layer.enable_adapters(was_enabled)
 
 

@@ -597,11 +597,12 @@ def train(config: Ip2pTrainConfig, progress=None) -> Ip2pTrainResult:
 
     # -- full: the pipeline with the trained UNet (the shared pipe keeps its own)
     from diffusers import StableDiffusionInstructPix2PixPipeline
-    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..core import adapters
 
     unet.to(handle.dtype)
     te_out = text_encoder
-    if any(isinstance(m, BaseTunerLayer) for m in text_encoder.modules()):  # LoRA layers of the shared pipe
+    if adapters.tuner_layers(text_encoder):  # LoRA layers of the shared pipe
         from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
         te_out = recurse_remove_peft_layers(copy.deepcopy(text_encoder))

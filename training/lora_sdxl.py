@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from ..core import adapters
 from ..core import images as images_mod
 from ..core.adapters import DORA_SCALE_BASE_NORM
 from ..core.checks import TRAIN_SEED_MAX, check_seed
@@ -1186,9 +1187,7 @@ class _Loop:
 @contextlib.contextmanager
 def _adapters_off(models):
     """The frozen text encoders without any adapter of the shared pipe (an earlier node's LoRA), restored after."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = adapters.tuner_layers(*models)
     saved = [layer.disable_adapters for layer in layers]
     try:
         for layer in layers:
@@ -1254,8 +1253,6 @@ class _Validator:
 
 def _base_norm_scales(model, sd: dict) -> dict:
     """`sd` with each DoRA magnitude m as ComfyUI's .dora_scale: m * ||W|| / ||W + dW|| (core.adapters)."""
-    from ..core import adapters
-
     ratios = adapters.dora_norm_ratios(model, common.TRAIN_ADAPTER)
     out = dict(sd)
     for key, value in sd.items():
