@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
-from . import lora, progress as progress_mod
+from . import adapters, lora, progress as progress_mod
 from .checks import check_choice, check_number, check_seed
 from .conditioning import Conditioning
 from .errors import TuneLabError
@@ -167,6 +167,11 @@ class NegativeBranchLora:
                                "LoRA applied to it); load the LoRA on this pipe", input_name="negative_pipe")
         self.positive, self.negative = positive_handle, negative_handle
         self.unet = positive_handle.pipe.unet
+        # Switching inside the loop touches the UNet only (the text encoders ran before it). In the usual state, no
+        # LoRA on the positive branch, that is one flag per adapter layer (peft's enable_adapters) rather than a
+        # pipe-wide set_adapters walk twice per step; other stacks are activated in full each time.
+        self._layers = (adapters.tuner_layers(self.unet) if negative_handle.loras and not positive_handle.loras
+                        else None)
         self.embeds = call_kwargs.get("prompt_embeds")
         self.negative_embeds = call_kwargs.get("negative_prompt_embeds")
         self.calls = 0
@@ -176,7 +181,16 @@ class NegativeBranchLora:
         self._had_own, self._own = "forward" in own, own.get("forward")
         self._forward = self.unet.forward  # what nn.Module.__call__ would run (accelerate hooks included)
         self.unet.forward = self.forward
+        if self._layers is not None:
+            lora.activate(self.negative)  # its adapters and strengths; the loop only turns them on and off
         return self
+
+    def _use(self, handle) -> None:
+        if self._layers is None:
+            lora.activate(handle)
+            return
+        for layer in self._layers:
+            layer.enable_adapters(handle is self.negative)
 
     def __exit__(self, *exc):
         if self._had_own:
@@ -203,14 +217,14 @@ class NegativeBranchLora:
         n = int(sample.shape[0])
         batch = int(self.embeds.shape[0]) if self.embeds is not None else n // 2
         if n != 2 * batch:  # no classifier-free guidance: only the positive prediction exists
-            lora.activate(self.positive)
+            self._use(self.positive)
             return self._forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         half = n // 2
         if encoder_hidden_states is not None:
             self._check_order(encoder_hidden_states, half)
         outs = []
         for handle, lo, hi in ((self.negative, 0, half), (self.positive, half, n)):
-            lora.activate(handle)
+            self._use(handle)
             outs.append(self._forward(sample[lo:hi], _split(timestep, lo, hi, n),
                                       _split(encoder_hidden_states, lo, hi, n),
                                       *[_split(a, lo, hi, n) for a in args],
