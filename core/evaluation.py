@@ -337,36 +337,6 @@ class Report:
         return text + f"; {len(self.missing)} of {self.count} cells still to make (other shards), then the report"
 
 
-class _CellSteps(progress_mod.Progress):
-    """One cell's generation ticks on the job's bar; the last unit is given when the cell's record is written."""
-
-    def __init__(self, outer, per_cell: int):
-        self.outer, self.per_cell, self.used = outer, per_cell, 0
-        self.total, self.value = per_cell, 0
-
-    def __call__(self, total, desc):
-        return self
-
-    def update(self, n: int = 1, info: Optional[str] = None) -> None:
-        n = min(n, self.per_cell - 1 - self.used)
-        if n > 0:
-            self.used += n
-            self.outer.update(n, info)
-
-    def finish(self, info: str) -> None:
-        self.outer.update(self.per_cell - self.used, info)
-        self.used = self.per_cell
-
-    def interrupted(self) -> bool:
-        return self.outer.interrupted()
-
-    def check(self) -> None:
-        self.outer.check()
-
-    def close(self) -> None:
-        pass
-
-
 def check_scorers(scorers: dict) -> dict:
     chosen = {m: s for m, s in (scorers or {}).items() if s is not None}
     unknown = [m for m in chosen if m not in METRICS]
@@ -435,7 +405,7 @@ def run(folder, states, prompts, seeds, *, scorers: dict, steps: int, guidance: 
     with progress_mod.make(progress, max(1, len(todo) * per_cell), "evaluate") as bar:
         for c in todo:
             bar.check()  # a stop between cells leaves only whole files
-            steps_bar = _CellSteps(bar, per_cell)
+            steps_bar = progress_mod.ItemSteps(bar, per_cell)
             png, rec = cell_paths(folder, c)
             from .synthesis import png_complete
 

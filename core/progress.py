@@ -175,5 +175,37 @@ class Progress:
 ProgressFactory = Callable[[int, str], Progress]
 
 
+
+class ItemSteps(Progress):
+    """The progress handed to `generate` for one item of a job (an image, an evaluation cell): its steps move the
+    job's bar by exactly `units` units per item, whatever the scheduler's split, the last one given by `finish`
+    once the item's files are in place; every step asks the job's bar about an interrupt. It is also its own
+    factory (`progress(total, desc)` returns it)."""
+
+    def __init__(self, outer, units: int):
+        self.outer, self.units, self.used = outer, units, 0
+        self.total, self.value = units, 0
+        self._bar = self._log = None
+
+    def __call__(self, total, desc):
+        return self
+
+    def update(self, n: int = 1, info: Optional[str] = None) -> None:
+        n = min(n, self.units - 1 - self.used)
+        if n > 0:
+            self.used += n
+            self.outer.update(n, info)
+
+    def finish(self, info: str) -> None:
+        self.outer.update(self.units - self.used, info)
+        self.used = self.units
+
+    def interrupted(self) -> bool:
+        return self.outer.interrupted()
+
+    def close(self) -> None:
+        pass
+
+
 def make(factory: Optional[ProgressFactory], total: int, desc: str = "") -> Progress:
     return (factory or Progress)(total, desc)

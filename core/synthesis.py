@@ -478,39 +478,6 @@ def merge(folder, *, clean: bool = True, input_name: str = "out") -> Report:
     return report
 
 
-class _ImageSteps:
-    """The progress object handed to `generate` for one image: its steps move the job's bar (exactly `per_image`
-    units per image, whatever the scheduler's split), and every step asks the job's bar about an interrupt."""
-
-    def __init__(self, outer, per_image: int):
-        self.outer, self.per_image, self.used = outer, per_image, 0
-
-    def update(self, n: int = 1, info: Optional[str] = None) -> None:
-        n = min(n, self.per_image - 1 - self.used)  # the last unit is given when the PNG is in place
-        if n > 0:
-            self.used += n
-            self.outer.update(n, info)
-
-    def finish(self, info: str) -> None:
-        self.outer.update(self.per_image - self.used, info)
-        self.used = self.per_image
-
-    def interrupted(self) -> bool:
-        return self.outer.interrupted()
-
-    def check(self) -> None:
-        self.outer.check()
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def run(folder, handle, plan: Plan, *, steps: int, width: int, height: int, refiner=None,
         high_noise_frac: float = 0.8, scheduler: str = "default", instance_prompt: str = DEFAULT_INSTANCE_PROMPT,
         shard=(0, 1), progress=None, input_name: str = "out") -> Report:
@@ -562,11 +529,11 @@ def run(folder, handle, plan: Plan, *, steps: int, width: int, height: int, refi
     with progress_mod.make(progress, len(todo) * per_image, "synthesis") as bar:
         for e in todo:
             bar.check()  # a stop between images leaves only whole files
-            steps_bar = _ImageSteps(bar, per_image)
+            steps_bar = progress_mod.ItemSteps(bar, per_image)
             cond = encode(handle, e.prompt, "")  # no negative prompt, as in the seed
             image = generate(handle, cond, seed=e.seed, steps=steps, guidance=e.guidance, width=width,
                              height=height, refiner=refiner, high_noise_frac=high_noise_frac, scheduler=scheduler,
-                             progress=lambda total, desc: steps_bar)
+                             progress=steps_bar)
             line = lines_by_index[e.index]
             images_mod.save_png(images_mod.tensor_to_pil(image)[0], folder / e.file_name,
                                 {"tunelab": json.dumps(line, ensure_ascii=False)})
